@@ -1,0 +1,169 @@
+"""Typed job configuration: load a YAML file, apply ``--set`` overrides, validate.
+
+Importing this module is cheap (no tokenizer, model or Ray import). Unknown keys
+and bad values raise :class:`ConfigError` naming the dotted key, before any work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputConfig(_Section):
+    """Where the corpus is and how to read it."""
+
+    path: str = Field(description="file, glob or directory; local path or fsspec URI")
+    format: Literal["auto", "jsonl", "parquet", "text", "arrow"] = "auto"
+    text_column: str = "text"
+    id_column: str | None = None
+    # A whole number is a row count; a number below 1 is a fraction of the rows read.
+    max_quarantined: float = Field(default=0.01, ge=0)
+
+
+class OutputConfig(_Section):
+    """Where the shards go and how large they are."""
+
+    path: str = "out"
+    shard_rows: int = Field(default=10_000, gt=0)
+
+
+class TokenizerConfig(_Section):
+    """Tokenizer choice and the padding/truncation options of ``transformers``."""
+
+    name: str | None = None
+    max_length: int | None = Field(default=None, gt=0)
+    padding: Literal["max_length", "longest", "none"] = "max_length"
+    padding_side: Literal["right", "left"] | None = None
+    truncation: bool = True
+    truncation_side: Literal["right", "left"] | None = None
+    add_special_tokens: bool = True
+    pad_token: str | None = None
+    stride: int | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _stride_needs_truncation(self) -> TokenizerConfig:
+        if self.stride is not None and not self.truncation:
+            raise ValueError("tokenizer.stride (chunking) needs tokenizer.truncation: true")
+        return self
+
+
+class EncoderConfig(_Section):
+    """The text encoder of the embed stage."""
+
+    model: str = "minilm"
+    pooling: Literal["mean", "cls", "last", "none"] = "mean"
+    layer: int = -1
+    final_layer_norm: bool | None = None
+    normalize: bool = False
+    use_attention_mask: bool = True
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    output_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    max_tokens_per_batch: int = Field(default=16_384, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+
+
+class RayConfig(_Section):
+    """Which Ray cluster runs the job."""
+
+    address: str | None = None
+    num_cpus: int | None = Field(default=None, gt=0)
+
+
+class JobConfig(_Section):
+    """One embedpipe job: the whole YAML file."""
+
+    input: InputConfig
+    output: OutputConfig = OutputConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    encoder: EncoderConfig = EncoderConfig()
+    ray: RayConfig = RayConfig()
+
+    def output_hash(self) -> str:
+        """Hash of every setting that changes the output (not where it goes, not the cluster)."""
+        relevant = self.model_dump(mode="json", exclude={"ray": True, "output": {"path"}})
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Split ``dotted.key=value`` into the key path and the value parsed as a YAML scalar."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected dotted.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: value {raw!r} is not a YAML scalar ({exc})") from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with each ``dotted.key=value`` override applied."""
+    result = json.loads(json.dumps(data))
+    for item in overrides:
+        path, value = parse_override(item)
+        node = result
+        for depth, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {'.'.join(path)}: {'.'.join(path[: depth + 1])} is not a section")
+            node = child
+        node[path[-1]] = value
+    return result
+
+
+def _describe(errors: list[dict[str, Any]]) -> str:
+    lines = []
+    for err in errors:
+        key = ".".join(str(part) for part in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{key}: unknown key")
+        elif err["type"] == "missing":
+            lines.append(f"{key}: required key is missing")
+        else:
+            lines.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def validate_config(data: Any) -> JobConfig:
+    """Validate a plain mapping into a :class:`JobConfig`, or raise ConfigError naming each bad key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(data).__name__}")
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc.errors())) from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file with the safe loader."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return data if data is not None else {}
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, output: str | None = None) -> JobConfig:
+    """Load ``path``, apply ``--set`` overrides and ``--output``, and validate."""
+    data = apply_overrides(read_yaml(path), list(overrides or []))
+    if output is not None:
+        data.setdefault("output", {})["path"] = output
+    return validate_config(data)

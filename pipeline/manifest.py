@@ -1,0 +1,126 @@
+"""``OUT/manifest.json``: the job record, written by the driver alone and replaced atomically.
+
+It carries the resolved config and its hash, the input fingerprint, the plan,
+every committed shard (rows, tokens, bytes, sha256), the counts, the versions of
+the software that wrote it and the job status. A shard is listed only after its
+file was committed.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from pipeline import __version__
+from pipeline.config import JobConfig
+from pipeline.errors import ConfigError
+from pipeline.plan import WorkUnit
+from pipeline.shards import commit_bytes
+from pipeline.sources import InputFile
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+_VERSIONED = ("pyarrow", "tokenizers", "transformers", "ray", "datasets", "torch")
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def software_versions() -> dict[str, str]:
+    versions = {"embedpipe": __version__, "python": platform.python_version()}
+    for package in _VERSIONED:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def input_fingerprint(files: list[InputFile]) -> str:
+    blob = json.dumps([f.fingerprint() for f in files], sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def new_manifest(config: JobConfig, files: list[InputFile], units: list[WorkUnit], tokenizer_sha256: str) -> dict[str, Any]:
+    """A fresh manifest for a job that has not committed anything yet."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "created_at": now(),
+        "updated_at": now(),
+        "status": "running",
+        "versions": software_versions(),
+        "config": config.model_dump(mode="json"),
+        "config_hash": config.output_hash(),
+        "tokenizer_sha256": tokenizer_sha256,
+        "input": {"fingerprint": input_fingerprint(files), "files": [f.fingerprint() for f in files]},
+        "plan": {"units": [u.to_json() for u in units], "shards": len(units)},
+        "stages": {},
+        "counts": {"rows_in": 0, "rows_out": 0, "quarantined": 0},
+    }
+
+
+def load_manifest(out_dir: Path) -> dict[str, Any] | None:
+    """The manifest of ``out_dir``, or None if there is none."""
+    path = Path(out_dir) / MANIFEST_NAME
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ConfigError(f"{path}: not a readable manifest ({exc}); remove it or use --force") from None
+
+
+def save_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
+    """Replace the manifest atomically."""
+    manifest["updated_at"] = now()
+    commit_bytes(json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8"), Path(out_dir) / MANIFEST_NAME)
+
+
+def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What makes an existing manifest's job a different job from ``new`` (empty: the same job)."""
+    found = []
+    if old.get("config_hash") != new["config_hash"]:
+        found += [f"config {key}" for key in _changed_keys(old.get("config", {}), new["config"])] or ["config"]
+    if old.get("tokenizer_sha256") != new["tokenizer_sha256"]:
+        found.append("tokenizer files")
+    if old.get("input", {}).get("fingerprint") != new["input"]["fingerprint"]:
+        found.append("input files (names, sizes or modification times)")
+    if old.get("plan", {}).get("units") != new["plan"]["units"]:
+        found.append("plan")
+    return found
+
+
+def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(set(old) | set(new))
+        return [k for key in keys for k in _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
+    if old != new and not prefix.startswith(("ray.", "output.path.")):
+        return [f"{prefix[:-1]} ({old!r} -> {new!r})"]
+    return []
+
+
+def add_counts(manifest: dict[str, Any], stage: str) -> None:
+    """Recompute a stage's totals (and the job's row counts) from its committed shards."""
+    record = manifest["stages"][stage]
+    shards = record["shards"].values()
+    totals: dict[str, Any] = {}
+    for key in ("rows_in", "rows", "texts", "quarantined", "tokens", "untruncated_tokens", "truncated_rows", "bytes"):
+        totals[key] = sum(s.get(key, 0) for s in shards)
+    histogram = None
+    for shard in shards:
+        if "length_histogram" in shard:
+            counts = shard["length_histogram"]
+            histogram = counts if histogram is None else [a + b for a, b in zip(histogram, counts)]
+    if histogram is not None:
+        totals["length_histogram"] = {"edges": record.get("histogram_edges"), "counts": histogram}
+    record["totals"] = totals
+    if stage == "tokens":
+        manifest["counts"] = {
+            "rows_in": totals["rows_in"], "rows_out": totals["texts"], "quarantined": totals["quarantined"],
+        }

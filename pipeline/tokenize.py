@@ -1,0 +1,206 @@
+"""Pure tokenization: texts in, an Arrow table of token rows out.
+
+The Rust ``tokenizers`` backend of the ``transformers`` fast tokenizer does the
+tokenizing and the truncation (so special tokens, truncation sides and
+overflowing windows are exactly the library's); padding is then done here in
+numpy, which is what the backend would do (pad id, type id 0, mask 0, on the
+padding side) without building a Python list per padded position.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from itertools import chain
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+from tokenizers import Encoding, Tokenizer
+
+# Bucket edges of the histogram of untruncated lengths (max_length is added to them).
+_HISTOGRAM_EDGES = (0, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
+
+
+@dataclass(frozen=True)
+class TokenizeSpec:
+    """Everything a worker needs to tokenize, resolved and checked on the driver (picklable)."""
+
+    tokenizer_json: str
+    max_length: int | None
+    padding: Literal["max_length", "longest", "none"]
+    padding_side: Literal["right", "left"]
+    truncation: bool
+    truncation_side: Literal["right", "left"]
+    add_special_tokens: bool
+    pad_id: int | None
+    stride: int | None
+    with_token_type_ids: bool
+    id_dtype: Literal["uint16", "int32"]
+    num_special_tokens: int
+
+    @property
+    def fixed_width(self) -> int | None:
+        """Row width when every row has the same length known in advance, else None."""
+        if self.padding == "max_length" and self.truncation:
+            return self.max_length
+        return None
+
+    def histogram_edges(self) -> list[int]:
+        edges = set(_HISTOGRAM_EDGES)
+        if self.max_length:
+            edges.update((self.max_length, self.max_length + 1))
+        return sorted(edges)
+
+
+@dataclass
+class TokenRows:
+    """Unpadded token rows: flat id/type-id arrays cut by ``lengths``, one entry per output row."""
+
+    ids: list[str]
+    flat_ids: np.ndarray
+    lengths: np.ndarray
+    flat_type_ids: np.ndarray | None
+    chunk: np.ndarray | None
+    untruncated: np.ndarray  # per source text: its length in tokens had nothing been cut
+
+    @staticmethod
+    def concat(parts: list[TokenRows]) -> TokenRows:
+        def cat(arrays: list[np.ndarray | None]) -> np.ndarray | None:
+            return None if arrays[0] is None else np.concatenate(arrays)
+
+        return TokenRows(
+            ids=list(chain.from_iterable(p.ids for p in parts)),
+            flat_ids=np.concatenate([p.flat_ids for p in parts]),
+            lengths=np.concatenate([p.lengths for p in parts]),
+            flat_type_ids=cat([p.flat_type_ids for p in parts]),
+            chunk=cat([p.chunk for p in parts]),
+            untruncated=np.concatenate([p.untruncated for p in parts]),
+        )
+
+
+@functools.lru_cache(maxsize=4)
+def get_tokenizer(spec: TokenizeSpec) -> Tokenizer:
+    """Build the backend tokenizer for ``spec`` once per process, truncation set, padding off."""
+    tokenizer = Tokenizer.from_str(spec.tokenizer_json)
+    tokenizer.no_padding()
+    if spec.truncation:
+        tokenizer.enable_truncation(
+            spec.max_length, stride=spec.stride or 0, strategy="longest_first", direction=spec.truncation_side
+        )
+    else:
+        tokenizer.no_truncation()
+    return tokenizer
+
+
+def _windows(encoding: Encoding, spec: TokenizeSpec) -> tuple[list[Encoding], int]:
+    """The output rows of one text and its untruncated length in tokens."""
+    ids_len = len(encoding.ids)
+    if not spec.truncation or ids_len < (spec.max_length or 0):
+        return [encoding], ids_len
+    overflow = encoding.overflowing
+    # Each overflowing window repeats `stride` tokens of the previous one and carries its own special tokens.
+    untruncated = ids_len + sum(len(o.ids) - spec.num_special_tokens - (spec.stride or 0) for o in overflow)
+    rows = [encoding, *overflow] if spec.stride is not None else [encoding]
+    return rows, untruncated
+
+
+def tokenize_texts(spec: TokenizeSpec, ids: list[str], texts: list[str]) -> TokenRows:
+    """Tokenize ``texts`` with truncation (and chunking if ``spec.stride`` is set), unpadded."""
+    tokenizer = get_tokenizer(spec)
+    encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=spec.add_special_tokens)
+    rows: list[Encoding] = []
+    row_ids: list[str] = []
+    chunks: list[int] = []
+    untruncated = np.empty(len(encodings), dtype=np.int64)
+    for i, encoding in enumerate(encodings):
+        windows, untruncated[i] = _windows(encoding, spec)
+        rows.extend(windows)
+        row_ids.extend([ids[i]] * len(windows))
+        chunks.extend(range(len(windows)))
+    id_lists = [row.ids for row in rows]
+    lengths = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
+    total = int(lengths.sum())
+    flat_ids = np.fromiter(chain.from_iterable(id_lists), dtype=spec.id_dtype, count=total)
+    flat_type_ids = None
+    if spec.with_token_type_ids:
+        flat_type_ids = np.fromiter(chain.from_iterable(r.type_ids for r in rows), dtype=np.int8, count=total)
+    chunk = np.asarray(chunks, dtype=np.int32) if spec.stride is not None else None
+    return TokenRows(row_ids, flat_ids, lengths, flat_type_ids, chunk, untruncated)
+
+
+def pad_flat(flat: np.ndarray, lengths: np.ndarray, widths: np.ndarray, pad_value: int, side: str) -> np.ndarray:
+    """Pad each row of a flat ragged array to its width on ``side``; rows already wider stay as they are."""
+    widths = np.maximum(widths, lengths)
+    out = np.full(int(widths.sum()), pad_value, dtype=flat.dtype)
+    new_starts = np.concatenate(([0], np.cumsum(widths)[:-1])) if len(widths) else widths
+    old_starts = np.concatenate(([0], np.cumsum(lengths)[:-1])) if len(lengths) else lengths
+    shift = new_starts + (widths - lengths if side == "left" else 0)
+    within = np.arange(len(flat)) - np.repeat(old_starts, lengths)
+    out[np.repeat(shift, lengths) + within] = flat
+    return out
+
+
+def row_widths(spec: TokenizeSpec, lengths: np.ndarray) -> np.ndarray:
+    """The padded width of each row: max_length, the shard's longest row, or its own length."""
+    if spec.padding == "max_length":
+        return np.full_like(lengths, spec.max_length)
+    if spec.padding == "longest":
+        return np.full_like(lengths, lengths.max() if len(lengths) else 0)
+    return lengths
+
+
+def _list_type(value_type: pa.DataType, width: int | None) -> pa.DataType:
+    return pa.list_(value_type, width) if width else pa.list_(value_type)
+
+
+def token_schema(spec: TokenizeSpec) -> pa.Schema:
+    """The one Arrow schema of token shards for ``spec`` (see DESIGN.md, output format)."""
+    width = spec.fixed_width
+    # uint16 ids halve the shard when the vocabulary fits (BERT 30k, GPT-2 50k); int8 masks and type ids.
+    fields = [pa.field("id", pa.string())]
+    if spec.stride is not None:
+        fields.append(pa.field("chunk", pa.int32()))
+    fields.append(pa.field("input_ids", _list_type(pa.from_numpy_dtype(np.dtype(spec.id_dtype)), width)))
+    if spec.with_token_type_ids:
+        fields.append(pa.field("token_type_ids", _list_type(pa.int8(), width)))
+    fields.append(pa.field("attention_mask", _list_type(pa.int8(), width)))
+    fields.append(pa.field("length", pa.int32()))
+    return pa.schema(fields)
+
+
+def _list_array(flat: np.ndarray, widths: np.ndarray, value_type: pa.DataType, fixed: int | None) -> pa.Array:
+    values = pa.array(flat, type=value_type)
+    if fixed:
+        return pa.FixedSizeListArray.from_arrays(values, fixed)
+    offsets = np.concatenate(([0], np.cumsum(widths))).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), values)
+
+
+def to_table(spec: TokenizeSpec, rows: TokenRows) -> pa.Table:
+    """Pad ``rows`` as ``spec`` says and lay them out in the token shard schema."""
+    schema = token_schema(spec)
+    widths = np.maximum(row_widths(spec, rows.lengths), rows.lengths)
+    side = spec.padding_side
+    ones = np.ones(len(rows.flat_ids), dtype=np.int8)
+    columns: dict[str, pa.Array] = {"id": pa.array(rows.ids, type=pa.string())}
+    if rows.chunk is not None:
+        columns["chunk"] = pa.array(rows.chunk, type=pa.int32())
+    pad_id = spec.pad_id if spec.pad_id is not None else 0
+    padded = {
+        "input_ids": pad_flat(rows.flat_ids, rows.lengths, widths, pad_id, side),
+        "attention_mask": pad_flat(ones, rows.lengths, widths, 0, side),
+    }
+    if rows.flat_type_ids is not None:
+        padded["token_type_ids"] = pad_flat(rows.flat_type_ids, rows.lengths, widths, 0, side)
+    for name, flat in padded.items():
+        value_type = schema.field(name).type.value_type
+        columns[name] = _list_array(flat, widths, value_type, spec.fixed_width)
+    columns["length"] = pa.array(rows.lengths.astype(np.int32))
+    return pa.Table.from_pydict({name: columns[name] for name in schema.names}, schema=schema)
+
+
+def length_histogram(spec: TokenizeSpec, untruncated: np.ndarray) -> list[int]:
+    """Counts of untruncated lengths per bucket [edge_k, edge_k+1); the last bucket is open."""
+    edges = spec.histogram_edges()
+    return np.bincount(np.searchsorted(edges, untruncated, side="right") - 1, minlength=len(edges)).tolist()

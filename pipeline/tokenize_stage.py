@@ -1,0 +1,85 @@
+"""One work unit of the tokenize stage, start to finish, without Ray.
+
+read the unit's rows -> tokenize -> pad -> commit ``tokens/<shard>`` and, when
+rows were rejected, ``quarantine/tokens-<shard>.jsonl``; return a report that
+the driver records in the manifest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.plan import WorkUnit
+from pipeline.shards import shard_name, write_jsonl, write_shard
+from pipeline.sources import LINE_FORMATS, BadRow, RowBatch, read_columnar_rows, read_line_rows
+from pipeline.tokenize import TokenizeSpec, TokenRows, length_histogram, to_table, tokenize_texts
+
+# Texts handed to the tokenizer at once: bounds the Rust encodings alive at a time.
+BATCH_ROWS = 1024
+
+
+@dataclass(frozen=True)
+class ReadSpec:
+    """How to read rows out of input files (from ``input.*``)."""
+
+    text_column: str
+    id_column: str | None
+
+
+def read_unit(unit: WorkUnit, read: ReadSpec) -> Any:
+    """Iterate the unit's rows as :class:`RowBatch` es."""
+    if unit.file.format in LINE_FORMATS:
+        return read_line_rows(unit.file, unit.first_row, unit.num_rows, unit.byte_start, unit.byte_stop,
+                              read.text_column, read.id_column, BATCH_ROWS)
+    return read_columnar_rows(unit.file, unit.first_row, unit.num_rows, read.text_column, read.id_column, BATCH_ROWS)
+
+
+def tokenize_unit(unit: WorkUnit, read: ReadSpec, spec: TokenizeSpec) -> tuple[Any, TokenRows, list[BadRow]]:
+    """Tokenize every good row of a unit; returns (Arrow table, unpadded rows, bad rows)."""
+    parts: list[TokenRows] = []
+    bad: list[BadRow] = []
+    for batch in read_unit(unit, read):
+        bad.extend(batch.bad)
+        if batch.texts:
+            parts.append(tokenize_texts(spec, batch.ids, batch.texts))
+    if not parts:
+        parts.append(tokenize_texts(spec, [], []))
+    rows = TokenRows.concat(parts)
+    return to_table(spec, rows), rows, bad
+
+
+def run_unit(unit: WorkUnit, total_units: int, read: ReadSpec, spec: TokenizeSpec, out_dir: str) -> dict[str, Any]:
+    """Tokenize one unit and commit its shard (and quarantine file); return the shard's report."""
+    name = shard_name(unit.index, total_units)
+    table, rows, bad = tokenize_unit(unit, read, spec)
+    committed = write_shard(table, Path(out_dir) / "tokens" / name)
+    quarantine_file = None
+    if bad:
+        records = [b.to_json() | {"stage": "tokenize", "shard": name} for b in bad]
+        quarantine_file = write_jsonl(records, Path(out_dir) / "quarantine" / f"tokens-{name[:-len('.arrow')]}.jsonl").path
+    kept = rows.lengths
+    max_content = (spec.max_length or 0)
+    truncated = int(np.count_nonzero(rows.untruncated > max_content)) if spec.truncation else 0
+    return {
+        "name": name,
+        "unit": unit.index,
+        "source": unit.describe(),
+        "rows_in": unit.num_rows,
+        "rows": table.num_rows,
+        "texts": len(rows.untruncated),
+        "quarantined": len(bad),
+        "quarantine_file": Path(quarantine_file).name if quarantine_file else None,
+        "tokens": int(kept.sum()),
+        "untruncated_tokens": int(rows.untruncated.sum()),
+        "truncated_rows": truncated,
+        "length_histogram": length_histogram(spec, rows.untruncated),
+        "bytes": committed.bytes,
+        "sha256": committed.sha256,
+    }
+
+
+__all__ = ["ReadSpec", "RowBatch", "read_unit", "run_unit", "tokenize_unit"]
