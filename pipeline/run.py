@@ -11,7 +11,9 @@ import hashlib
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,8 @@ from pipeline.sources import check_columns, discover
 from pipeline.tokenize import TokenizeSpec, token_schema
 from pipeline.tokenize_stage import ReadSpec, run_unit
 
-# Environment of every worker: tokenizers' own thread pool must not fight Ray's CPU slots.
+# Set in every task (not as a Ray runtime_env, which costs ~1 s of worker start-up):
+# tokenizers' own thread pool must not fight Ray's CPU slots.
 WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "RAYON_NUM_THREADS": "1"}
 # Seconds between manifest rewrites while shards stream in (always written at the end).
 _MANIFEST_INTERVAL = 1.0
@@ -61,23 +64,36 @@ class StageResult:
     nothing_to_do: bool
 
 
-def _connect_ray(config: JobConfig) -> bool:
-    """Start or join a Ray cluster unless one is already connected; True if this call connected."""
+@contextmanager
+def ray_session(config: JobConfig) -> Iterator[None]:
+    """Join the connected Ray cluster, else start or join the configured one (shut down on exit)."""
     import ray
 
     if ray.is_initialized():
-        return False
+        yield
+        return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = config.ray.address or os.environ.get("RAY_ADDRESS")
-    kwargs: dict[str, Any] = {
-        "include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR",
-        "runtime_env": {"env_vars": WORKER_ENV},
-    }
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
     if address:
         ray.init(address=address, **kwargs)
     else:
         ray.init(num_cpus=config.ray.num_cpus, **kwargs)
-    return True
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _load_spec_and_warm_up(config: JobConfig) -> TokenizeSpec:
+    """Load the tokenizer (imports transformers and torch: seconds) and import datasets for the finish.
+
+    Run in a thread while Ray starts: the two take about as long and overlap well.
+    """
+    spec = load_tokenize_spec(config)
+    import datasets  # noqa: F401  (used by write_dataset_metadata at the end of the stage)
+
+    return spec
 
 
 def _tokenize_task(unit: WorkUnit, total: int, read: ReadSpec, spec: TokenizeSpec, out_dir: str) -> dict[str, Any]:
@@ -135,10 +151,18 @@ def run_tokenize(config: JobConfig, *, force: bool = False, progress: ProgressCa
         JobFailed: a unit failed or too many rows were quarantined (exit 1).
     """
     started = time.monotonic()
-    spec = load_tokenize_spec(config)
-    files = discover(config.input.path, config.input.format)
-    check_columns(files, config.input.text_column, config.input.id_column)
-    units = plan_units(files, config.output.shard_rows)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        spec_future = pool.submit(_load_spec_and_warm_up, config)
+        files = discover(config.input.path, config.input.format)
+        check_columns(files, config.input.text_column, config.input.id_column)
+        units = plan_units(files, config.output.shard_rows)
+        with ray_session(config):
+            spec = spec_future.result()
+            return _tokenize_stage(config, spec, files, units, force, progress, started)
+
+
+def _tokenize_stage(config: JobConfig, spec: TokenizeSpec, files: list[Any], units: list[WorkUnit], force: bool,
+                    progress: ProgressCallback | None, started: float) -> StageResult:
     tokenizer_sha = hashlib.sha256(spec.tokenizer_json.encode()).hexdigest()
     out_dir = Path(config.output.path)
     manifest = _prepare_output(out_dir, new_manifest(config, files, units, tokenizer_sha), force)
@@ -185,7 +209,6 @@ def _run_units(config: JobConfig, spec: TokenizeSpec, units: list[WorkUnit], tod
     """Tokenize ``todo`` on Ray; record each report as it lands; return the failures' messages."""
     import ray
 
-    owns_ray = _connect_ray(config)
     try:
         task = ray.remote(num_cpus=1, max_retries=3, retry_exceptions=False)(_tokenize_task)
         read = ReadSpec(config.input.text_column, config.input.id_column)
@@ -224,5 +247,3 @@ def _run_units(config: JobConfig, spec: TokenizeSpec, units: list[WorkUnit], tod
         return failures
     finally:
         save_manifest(out_dir, manifest)
-        if owns_ray:
-            ray.shutdown()

@@ -95,12 +95,12 @@ def get_tokenizer(spec: TokenizeSpec) -> Tokenizer:
 
 def _windows(encoding: Encoding, spec: TokenizeSpec) -> tuple[list[Encoding], int]:
     """The output rows of one text and its untruncated length in tokens."""
-    ids_len = len(encoding.ids)
+    ids_len = len(encoding)
     if not spec.truncation or ids_len < (spec.max_length or 0):
         return [encoding], ids_len
     overflow = encoding.overflowing
     # Each overflowing window repeats `stride` tokens of the previous one and carries its own special tokens.
-    untruncated = ids_len + sum(len(o.ids) - spec.num_special_tokens - (spec.stride or 0) for o in overflow)
+    untruncated = ids_len + sum(len(o) - spec.num_special_tokens - (spec.stride or 0) for o in overflow)
     rows = [encoding, *overflow] if spec.stride is not None else [encoding]
     return rows, untruncated
 

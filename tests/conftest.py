@@ -23,10 +23,7 @@ def ray_cluster():
     """A local Ray cluster shared by the whole session (no dashboard)."""
     import ray
 
-    from pipeline.run import WORKER_ENV
-
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
-             runtime_env={"env_vars": WORKER_ENV})
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     yield ray
     ray.shutdown()
 

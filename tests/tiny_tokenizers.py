@@ -7,6 +7,7 @@ a CLIP-style BPE with start/end tokens).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -14,7 +15,7 @@ from transformers import PreTrainedTokenizerFast
 
 # Text with the shapes that trip tokenizers up: CJK, emoji (incl. ZWJ sequences),
 # combining marks, right-to-left scripts, odd whitespace.
-TRAINING_TEXTS = [
+TRAINING_TEXTS = tuple([
     "The quick brown fox jumps over the lazy dog.",
     "Tokenizers split text into pieces; models read the pieces as integers.",
     "Padding, truncation and attention masks decide what a model sees.",
@@ -30,7 +31,7 @@ TRAINING_TEXTS = [
     "Combining marks: e\u0301 a\u0300 o\u0308 n\u0303 and café naïve résumé.",
     "Tabs\tand  double  spaces\nand newlines.",
     "Numbers 12345 67890 and symbols #@$%^&*() <html> </html>",
-] * 20
+] * 20)
 
 
 def _save(tokenizer: Tokenizer, out_dir: Path, **special) -> Path:
@@ -39,13 +40,14 @@ def _save(tokenizer: Tokenizer, out_dir: Path, **special) -> Path:
     return out_dir
 
 
-def train_wordpiece(out_dir: Path, vocab_size: int = 400, model_max_length: int | None = 64) -> Path:
+def train_wordpiece(out_dir: Path, vocab_size: int = 400, model_max_length: int | None = 64,
+                    texts: Sequence[str] = TRAINING_TEXTS) -> Path:
     """BERT-style: lowercasing normalizer, [CLS] x [SEP], a [PAD] token, token_type_ids."""
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok.train_from_iterator(TRAINING_TEXTS, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
@@ -58,14 +60,15 @@ def train_wordpiece(out_dir: Path, vocab_size: int = 400, model_max_length: int 
     )
 
 
-def train_byte_level_bpe(out_dir: Path, vocab_size: int = 500, model_max_length: int | None = 64) -> Path:
+def train_byte_level_bpe(out_dir: Path, vocab_size: int = 500, model_max_length: int | None = 64,
+                         texts: Sequence[str] = TRAINING_TEXTS) -> Path:
     """GPT-2-style: byte-level BPE, <|endoftext|> as bos/eos, and no pad token at all."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     tok.train_from_iterator(
-        TRAINING_TEXTS,
+        texts,
         trainers.BpeTrainer(
             vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
@@ -78,7 +81,8 @@ def train_byte_level_bpe(out_dir: Path, vocab_size: int = 500, model_max_length:
     )
 
 
-def train_clip_style_bpe(out_dir: Path, vocab_size: int = 500, model_max_length: int = 77) -> Path:
+def train_clip_style_bpe(out_dir: Path, vocab_size: int = 500, model_max_length: int = 77,
+                         texts: Sequence[str] = TRAINING_TEXTS) -> Path:
     """CLIP-style: lowercased BPE with <|startoftext|> x <|endoftext|>, padded with <|endoftext|>."""
     tok = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
     tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
@@ -87,7 +91,7 @@ def train_clip_style_bpe(out_dir: Path, vocab_size: int = 500, model_max_length:
     )
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(
-        TRAINING_TEXTS,
+        texts,
         trainers.BpeTrainer(
             vocab_size=vocab_size, special_tokens=["<|startoftext|>", "<|endoftext|>"],
             end_of_word_suffix="</w>", initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),

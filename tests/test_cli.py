@@ -1,0 +1,85 @@
+"""The embedpipe command in real subprocesses: the default job, exit codes, determinism across workers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+
+from conftest import REPO
+
+
+def embedpipe(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0")
+    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _digests(directory: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.glob("*.arrow"))}
+
+
+def test_default_job_runs_and_reruns_as_a_no_op(tmp_path):
+    out = tmp_path / "default"
+    first = embedpipe("run", "conf/default.yaml", "--output", str(out))
+    assert first.returncode == 0, first.stderr
+    assert "tokens:" in first.stdout and "0 quarantined" in first.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    counts = manifest["counts"]
+    assert counts["rows_in"] == counts["rows_out"] > 1000 and counts["quarantined"] == 0
+    ds = datasets.load_from_disk(str(out / "tokens"))
+    assert len(ds) == counts["rows_out"]
+    assert ds.features["input_ids"].length == 256
+    again = embedpipe("run", "conf/default.yaml", "--output", str(out))
+    assert again.returncode == 0 and "nothing to do" in again.stdout
+
+
+def test_shards_are_byte_identical_with_one_or_two_workers(tmp_path):
+    corpus = REPO / "pipeline" / "sample_data" / "corpus.jsonl"
+    outs = []
+    for cpus in (1, 2):
+        out = tmp_path / f"cpus{cpus}"
+        done = embedpipe("tokenize", "conf/default.yaml", "--set", f"ray.num_cpus={cpus}",
+                         "--set", f"input.path={corpus}", "--set", "output.shard_rows=300",
+                         "--set", "tokenizer.padding=longest", "-o", str(out))
+        assert done.returncode == 0, done.stderr
+        outs.append(_digests(out / "tokens"))
+    assert len(outs[0]) > 5 and outs[0] == outs[1]
+
+
+def test_bad_config_key_exits_2_naming_it(tmp_path):
+    done = embedpipe("tokenize", "conf/default.yaml", "--set", "tokenizer.max_lenght=12", "-o", str(tmp_path / "o"))
+    assert done.returncode == 2
+    assert "tokenizer.max_lenght: unknown key" in done.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_text_column_exits_2_naming_it(tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"body": "hello"}\n')
+    done = embedpipe("tokenize", "conf/default.yaml", "--set", f"input.path={corpus}", "-o", str(tmp_path / "o"))
+    assert done.returncode == 2
+    assert "input.text_column: column 'text' not found in c.jsonl" in done.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_different_config_on_same_output_exits_2(tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(20)))
+    out = str(tmp_path / "o")
+    assert embedpipe("tokenize", "conf/default.yaml", "--set", f"input.path={corpus}", "--set", "input.id_column=null",
+                     "-o", out).returncode == 0
+    done = embedpipe("tokenize", "conf/default.yaml", "--set", f"input.path={corpus}", "--set", "input.id_column=null",
+                     "--set", "tokenizer.max_length=32", "-o", out)
+    assert done.returncode == 2 and "--force" in done.stderr
+
+
+def test_help_shows_an_example():
+    done = embedpipe("tokenize", "--help")
+    assert done.returncode == 0 and "Example: embedpipe tokenize" in done.stdout
