@@ -8,6 +8,7 @@ backend inside a :class:`TokenizeSpec` and need only ``tokenizers``.
 from __future__ import annotations
 
 import functools
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -55,6 +56,21 @@ def _load_hf_tokenizer(name: str, key: str) -> Any:
     if not hasattr(tokenizer, "backend_tokenizer"):
         raise ConfigError(f"{key}: {path} has no fast (tokenizers) tokenizer; embedpipe needs tokenizer.json")
     return tokenizer
+
+
+def _single_type_ids_zero(tokenizer_json: str) -> bool:
+    """Whether the post-processor gives every token of a single sequence type id 0.
+
+    True for every processor but a template that says otherwise (BERT's, RoBERTa's and GPT-2's do).
+    """
+    processor = json.loads(tokenizer_json).get("post_processor") or {}
+    processors = processor.get("processors", [processor]) if processor.get("type") == "Sequence" else [processor]
+    for proc in processors:
+        if proc.get("type") == "TemplateProcessing":
+            for piece in proc.get("single", []):
+                if next(iter(piece.values())).get("type_id", 0) != 0:
+                    return False
+    return True
 
 
 def load_tokenize_spec(config: JobConfig) -> TokenizeSpec:
@@ -115,4 +131,5 @@ def load_tokenize_spec(config: JobConfig) -> TokenizeSpec:
         with_token_type_ids="token_type_ids" in hf.model_input_names,
         id_dtype="uint16" if vocab_size <= 2**16 else "int32",
         num_special_tokens=num_special,
+        single_type_ids_zero=_single_type_ids_zero(tokenizer_json),
     )

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
+import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -246,11 +247,11 @@ def parse_line(line: bytes, fmt: str, text_column: str, id_column: str | None) -
     if not line.strip():
         return None, None, "blank line (not a JSON object)"
     try:
-        obj = json.loads(line)
-    except UnicodeDecodeError as exc:
-        return None, None, f"invalid UTF-8 at byte {exc.start}"
-    except ValueError as exc:
-        return None, None, f"malformed JSON: {exc}"
+        # orjson: ~3x faster than json here, and strict (rejects invalid UTF-8 and lone surrogates).
+        obj = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        kind = "invalid UTF-8" if "UTF-8" in str(exc) else "malformed JSON"
+        return None, None, f"{kind}: {exc}"
     if not isinstance(obj, dict):
         return None, None, f"not a JSON object but a {type(obj).__name__}"
     if text_column not in obj:

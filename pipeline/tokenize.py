@@ -38,6 +38,9 @@ class TokenizeSpec:
     with_token_type_ids: bool
     id_dtype: Literal["uint16", "int32"]
     num_special_tokens: int
+    # True when the post-processor gives every token of a single sequence type id 0 (BERT, RoBERTa,
+    # GPT-2, CLIP...): the type ids are then known without reading them back from each encoding.
+    single_type_ids_zero: bool = False
 
     @property
     def fixed_width(self) -> int | None:
@@ -93,40 +96,46 @@ def get_tokenizer(spec: TokenizeSpec) -> Tokenizer:
     return tokenizer
 
 
-def _windows(encoding: Encoding, spec: TokenizeSpec) -> tuple[list[Encoding], int]:
-    """The output rows of one text and its untruncated length in tokens."""
-    ids_len = len(encoding)
-    if not spec.truncation or ids_len < (spec.max_length or 0):
-        return [encoding], ids_len
+def _overflow_rows(encoding: Encoding, spec: TokenizeSpec) -> tuple[list[Encoding], int]:
+    """The windows past the first of a truncated text, and its untruncated length in tokens."""
     overflow = encoding.overflowing
     # Each overflowing window repeats `stride` tokens of the previous one and carries its own special tokens.
-    untruncated = ids_len + sum(len(o) - spec.num_special_tokens - (spec.stride or 0) for o in overflow)
-    rows = [encoding, *overflow] if spec.stride is not None else [encoding]
-    return rows, untruncated
+    untruncated = len(encoding) + sum(len(o) - spec.num_special_tokens - (spec.stride or 0) for o in overflow)
+    return overflow, untruncated
 
 
 def tokenize_texts(spec: TokenizeSpec, ids: list[str], texts: list[str]) -> TokenRows:
     """Tokenize ``texts`` with truncation (and chunking if ``spec.stride`` is set), unpadded."""
     tokenizer = get_tokenizer(spec)
     encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=spec.add_special_tokens)
-    rows: list[Encoding] = []
-    row_ids: list[str] = []
-    chunks: list[int] = []
-    untruncated = np.empty(len(encodings), dtype=np.int64)
-    for i, encoding in enumerate(encodings):
-        windows, untruncated[i] = _windows(encoding, spec)
-        rows.extend(windows)
-        row_ids.extend([ids[i]] * len(windows))
-        chunks.extend(range(len(windows)))
+    untruncated = np.fromiter(map(len, encodings), dtype=np.int64, count=len(encodings))
+    rows, row_ids, chunk = encodings, ids, None
+    if spec.truncation:
+        # Only a text whose first window is full can have been truncated: look at those alone.
+        cut = np.flatnonzero(untruncated >= spec.max_length)
+        windows: dict[int, list[Encoding]] = {}
+        for i in cut.tolist():
+            windows[i], untruncated[i] = _overflow_rows(encodings[i], spec)
+        if spec.stride is not None:
+            rows, row_ids, chunks = [], [], []
+            for i, encoding in enumerate(encodings):
+                extra = windows.get(i, ())
+                rows.append(encoding)
+                rows.extend(extra)
+                row_ids.extend([ids[i]] * (1 + len(extra)))
+                chunks.extend(range(1 + len(extra)))
+            chunk = np.asarray(chunks, dtype=np.int32)
     id_lists = [row.ids for row in rows]
     lengths = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
     total = int(lengths.sum())
     flat_ids = np.fromiter(chain.from_iterable(id_lists), dtype=spec.id_dtype, count=total)
     flat_type_ids = None
     if spec.with_token_type_ids:
-        flat_type_ids = np.fromiter(chain.from_iterable(r.type_ids for r in rows), dtype=np.int8, count=total)
-    chunk = np.asarray(chunks, dtype=np.int32) if spec.stride is not None else None
-    return TokenRows(row_ids, flat_ids, lengths, flat_type_ids, chunk, untruncated)
+        if spec.single_type_ids_zero:
+            flat_type_ids = np.zeros(total, dtype=np.int8)
+        else:
+            flat_type_ids = np.fromiter(chain.from_iterable(r.type_ids for r in rows), dtype=np.int8, count=total)
+    return TokenRows(list(row_ids), flat_ids, lengths, flat_type_ids, chunk, untruncated)
 
 
 def pad_flat(flat: np.ndarray, lengths: np.ndarray, widths: np.ndarray, pad_value: int, side: str) -> np.ndarray:

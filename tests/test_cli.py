@@ -83,3 +83,29 @@ def test_different_config_on_same_output_exits_2(tmp_path):
 def test_help_shows_an_example():
     done = embedpipe("tokenize", "--help")
     assert done.returncode == 0 and "Example: embedpipe tokenize" in done.stdout
+
+
+def test_worked_examples_match_transformers(tmp_path):
+    from transformers import AutoTokenizer
+
+    from pipeline.sample_data import corpus_path
+
+    texts = [json.loads(line)["text"] for line in corpus_path().open(encoding="utf-8")][:300]
+    cases = {
+        "decoder-left-pad": dict(tokenizer="conf/tokenizers/decoder-bpe", max_length=128, side="left",
+                                 pad="<|endoftext|>"),
+        "clip-77": dict(tokenizer="conf/tokenizers/clip-bpe", max_length=77, side="right", pad=None),
+    }
+    for name, case in cases.items():
+        out = tmp_path / name
+        done = embedpipe("tokenize", f"conf/{name}.yaml", "--set", "output.shard_rows=100", "-o", str(out))
+        assert done.returncode == 0, done.stderr
+        ds = datasets.load_from_disk(str(out / "tokens"))
+        hf = AutoTokenizer.from_pretrained(str(REPO / case["tokenizer"]))
+        hf.padding_side = case["side"]
+        if case["pad"]:
+            hf.pad_token = case["pad"]
+        ref = hf(texts, padding="max_length", truncation=True, max_length=case["max_length"])
+        assert ds[:300]["input_ids"] == ref["input_ids"]
+        assert ds[:300]["attention_mask"] == ref["attention_mask"]
+        assert ds.features["input_ids"].length == case["max_length"]

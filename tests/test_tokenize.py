@@ -177,3 +177,26 @@ def test_histogram_counts_every_text(minilm_dir):
     edges = spec.histogram_edges()
     over = sum(c for e, c in zip(edges, counts) if e > 16)
     assert over == 1
+
+
+def test_type_ids_read_back_when_a_template_sets_them(tmp_path, wordpiece_dir):
+    """A template giving the single sequence type id 1 takes the slow path and still matches."""
+    import json as _json
+
+    from tokenizers import Tokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer.from_file(f"{wordpiece_dir}/tokenizer.json")
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS]:0 $A:1 [SEP]:1", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", model_max_length=16,
+                            model_input_names=["input_ids", "token_type_ids", "attention_mask"]).save_pretrained(str(tmp_path))
+    spec = _spec(str(tmp_path), 16)
+    assert not spec.single_type_ids_zero and _spec(wordpiece_dir, 16).single_type_ids_zero
+    table = to_table(spec, tokenize_texts(spec, ["a"], ["hello world"]))
+    ref = AutoTokenizer.from_pretrained(str(tmp_path))(["hello world"], padding="max_length", max_length=16)
+    assert table.column("token_type_ids").to_pylist() == ref["token_type_ids"]
+    assert 1 in ref["token_type_ids"][0]
+    assert _json.loads(spec.tokenizer_json)["post_processor"]["type"] == "TemplateProcessing"
