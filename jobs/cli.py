@@ -47,57 +47,67 @@ def _job_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
-class _ProgressBar:
-    """A tqdm bar over shards, with rows/s and tokens/s, drawn on stderr."""
+class _ProgressBars:
+    """One tqdm bar per stage over shards, with rows/s and tokens/s, drawn on stderr."""
 
     def __init__(self, enabled: bool | None) -> None:
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
-        self.bar: Any = None
+        self.bars: dict[str, Any] = {}
 
     def __call__(self, event: Any) -> None:
         if not self.enabled:
             return
-        if self.bar is None:
+        bar = self.bars.get(event.stage)
+        if bar is None:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=event.shards_total, initial=event.skipped, unit="shard",
-                            desc=event.stage, file=sys.stderr, dynamic_ncols=True)
-        self.bar.n = event.shards_done
+            bar = self.bars[event.stage] = tqdm(
+                total=event.shards_total, initial=event.skipped, unit="shard", desc=f"{event.stage:>8}",
+                file=sys.stderr, dynamic_ncols=True, position=len(self.bars),
+            )
+        bar.n = event.shards_done
         seconds = max(event.elapsed, 1e-9)
-        self.bar.set_postfix_str(f"{event.rows / seconds:,.0f} rows/s, {event.tokens / seconds:,.0f} tokens/s")
+        bar.set_postfix_str(f"{event.rows / seconds:,.0f} rows/s, {event.tokens / seconds:,.0f} tokens/s")
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        for bar in self.bars.values():
+            bar.close()
 
 
 def _summary(result: Any) -> str:
     totals = result.totals
+    where = f"{result.out_dir}/{result.stage}"
     if result.nothing_to_do:
-        return f"{result.stage}: nothing to do, all {result.shards} shards already committed in {result.out_dir}"
+        return f"{result.stage}: nothing to do, all {result.shards} shards already committed in {where}"
     seconds = max(result.seconds, 1e-9)
-    return (
-        f"{result.stage}: {result.shards} shards in {result.out_dir}/{result.stage} "
-        f"({result.skipped_shards} already done), {totals.get('rows_in', 0):,} rows in, "
-        f"{totals.get('rows', 0):,} rows out, {totals.get('quarantined', 0):,} quarantined, "
-        f"{totals.get('tokens', 0):,} tokens, {totals.get('truncated_rows', 0):,} truncated; "
-        f"{result.seconds:.1f} s, {totals.get('rows_in', 0) / seconds:,.0f} rows/s"
-    )
+    line = f"{result.stage}: {result.shards} shards in {where} ({result.skipped_shards} already done), "
+    if result.stage == "tokens":
+        line += (f"{totals.get('rows_in', 0):,} rows in, {totals.get('rows', 0):,} rows out, "
+                 f"{totals.get('quarantined', 0):,} quarantined, {totals.get('tokens', 0):,} tokens, "
+                 f"{totals.get('truncated_rows', 0):,} truncated")
+    else:
+        line += f"{totals.get('rows', 0):,} rows, {totals.get('nonfinite_rows', 0):,} with NaN/Inf"
+    return line + f"; {result.seconds:.1f} s, {totals.get('rows', 0) / seconds:,.0f} rows/s"
 
 
-def _run_tokenize(config: str, overrides: tuple[str, ...], output: str | None, force: bool,
-                  progress: bool | None) -> None:
+def _run_stages(stages: tuple[str, ...], config: str, overrides: tuple[str, ...], output: str | None, force: bool,
+                progress: bool | None) -> None:
     from pipeline.config import load_config
-    from pipeline.run import run_tokenize
+    from pipeline.run import run_job
 
     with _errors_to_exit_codes():
         job = load_config(config, list(overrides), output)
-        bar = _ProgressBar(progress)
+        bars = _ProgressBars(progress)
         try:
-            result = run_tokenize(job, force=force, progress=bar)
+            results = run_job(job, stages=stages, force=force, progress=bars)
         finally:
-            bar.close()
-    click.echo(_summary(result))
+            bars.close()
+    for stage in stages:
+        click.echo(_summary(results[stage]))
+        nonfinite = results[stage].totals.get("nonfinite_rows", 0)
+        if nonfinite:
+            click.echo(f"embedpipe: warning: {nonfinite} embedding rows hold NaN or Inf; "
+                       "their ids are in manifest.json (stages.embeddings.shards.*.nonfinite_ids)", err=True)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -113,17 +123,27 @@ def tokenize(config: str, overrides: tuple[str, ...], output: str | None, force:
 
     Example: embedpipe tokenize conf/default.yaml --set tokenizer.max_length=128 -o out/demo
     """
-    _run_tokenize(config, overrides, output, force, progress)
+    _run_stages(("tokens",), config, overrides, output, force, progress)
+
+
+@main.command()
+@_job_options
+def embed(config: str, overrides: tuple[str, ...], output: str | None, force: bool, progress: bool | None) -> None:
+    """Run the embed stage on an existing, complete OUT/tokens: -> OUT/embeddings.
+
+    Example: embedpipe embed conf/default.yaml -o out/default
+    """
+    _run_stages(("embeddings",), config, overrides, output, force, progress)
 
 
 @main.command()
 @_job_options
 def run(config: str, overrides: tuple[str, ...], output: str | None, force: bool, progress: bool | None) -> None:
-    """Run the job's stages (today: the tokenize stage).
+    """Run both stages, overlapping: each token shard is embedded as soon as it is committed.
 
     Example: embedpipe run conf/default.yaml -o out/default
     """
-    _run_tokenize(config, overrides, output, force, progress)
+    _run_stages(("tokens", "embeddings"), config, overrides, output, force, progress)
 
 
 if __name__ == "__main__":

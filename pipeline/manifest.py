@@ -110,8 +110,11 @@ def add_counts(manifest: dict[str, Any], stage: str) -> None:
     record = manifest["stages"][stage]
     shards = record["shards"].values()
     totals: dict[str, Any] = {}
-    for key in ("rows_in", "rows", "texts", "quarantined", "tokens", "untruncated_tokens", "truncated_rows", "bytes"):
-        totals[key] = sum(s.get(key, 0) for s in shards)
+    keys = ("rows_in", "rows", "texts", "quarantined", "tokens", "untruncated_tokens", "truncated_rows", "bytes",
+            "nonfinite_rows")
+    for key in keys:
+        if any(key in s for s in shards):
+            totals[key] = sum(s.get(key, 0) for s in shards)
     histogram = None
     for shard in shards:
         if "length_histogram" in shard:
@@ -122,5 +125,6 @@ def add_counts(manifest: dict[str, Any], stage: str) -> None:
     record["totals"] = totals
     if stage == "tokens":
         manifest["counts"] = {
-            "rows_in": totals["rows_in"], "rows_out": totals["texts"], "quarantined": totals["quarantined"],
+            "rows_in": totals.get("rows_in", 0), "rows_out": totals.get("texts", 0),
+            "quarantined": totals.get("quarantined", 0),
         }

@@ -132,4 +132,5 @@ def load_tokenize_spec(config: JobConfig) -> TokenizeSpec:
         id_dtype="uint16" if vocab_size <= 2**16 else "int32",
         num_special_tokens=num_special,
         single_type_ids_zero=_single_type_ids_zero(tokenizer_json),
+        vocab_size=vocab_size,
     )

@@ -1,15 +1,15 @@
-"""Ray orchestration: the only module that imports ray.
+"""Ray orchestration of both stages: the only module that imports ray.
 
-The driver plans, submits one task per work unit with a bounded number in
-flight, records each committed shard in the manifest as its report comes back,
-and finishes the stage by writing the ``datasets`` metadata.
+The driver plans, submits one tokenize task per work unit (a bounded number in
+flight), and hands each token shard to an encoder actor as soon as it is
+committed, so the CPU and GPU stages overlap. It alone records committed shards
+in the manifest, and finishes each stage by writing the ``datasets`` metadata.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,20 +19,25 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import JobConfig
+from pipeline.embed_stage import EmbedSpec, ShardEncoder, embedding_schema, plan_embed
 from pipeline.errors import ConfigError, JobFailed
-from pipeline.manifest import add_counts, differences, load_manifest, new_manifest, save_manifest
+from pipeline.manifest import add_counts, new_manifest, save_manifest
 from pipeline.models import load_tokenize_spec
+from pipeline.outdir import committed_ok, prepare_output
 from pipeline.plan import WorkUnit, plan_units
-from pipeline.shards import clean_staging, file_sha256, write_dataset_metadata
+from pipeline.shards import clean_staging, write_dataset_metadata
 from pipeline.sources import check_columns, discover
 from pipeline.tokenize import TokenizeSpec, token_schema
 from pipeline.tokenize_stage import ReadSpec, run_unit
 
+STAGES = ("tokens", "embeddings")
 # Set in every task (not as a Ray runtime_env, which costs ~1 s of worker start-up):
 # tokenizers' own thread pool must not fight Ray's CPU slots.
 WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "RAYON_NUM_THREADS": "1"}
 # Seconds between manifest rewrites while shards stream in (always written at the end).
 _MANIFEST_INTERVAL = 1.0
+# Shards queued on each encoder actor: one computing, one ready to start.
+_SHARDS_PER_ACTOR = 2
 
 
 @dataclass
@@ -91,7 +96,7 @@ def _load_spec_and_warm_up(config: JobConfig) -> TokenizeSpec:
     Run in a thread while Ray starts: the two take about as long and overlap well.
     """
     spec = load_tokenize_spec(config)
-    import datasets  # noqa: F401  (used by write_dataset_metadata at the end of the stage)
+    import datasets  # noqa: F401  (used by write_dataset_metadata at the end of a stage)
 
     return spec
 
@@ -101,54 +106,13 @@ def _tokenize_task(unit: WorkUnit, total: int, read: ReadSpec, spec: TokenizeSpe
     return run_unit(unit, total, read, spec, out_dir)
 
 
-def _prepare_output(out_dir: Path, fresh: dict[str, Any], force: bool) -> dict[str, Any]:
-    """Reuse a matching manifest (resume) or start over; refuse a different job unless forced."""
-    old = load_manifest(out_dir)
-    if old is not None and not force:
-        changed = differences(old, fresh)
-        if changed:
-            raise ConfigError(
-                f"{out_dir} holds the output of a different job ({'; '.join(changed)}); "
-                "use another output directory, or --force to start over"
-            )
-        old["config"] = fresh["config"]
-        return old
-    if force:
-        for sub in ("tokens", "embeddings", "quarantine", "manifest.json"):
-            target = out_dir / sub
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return fresh
-
-
-def _committed_ok(out_dir: Path, stage: str, record: dict[str, Any]) -> bool:
-    path = out_dir / stage / record["name"]
-    if not path.is_file() or path.stat().st_size != record["bytes"]:
-        return False
-    if record.get("quarantine_file") and not (out_dir / "quarantine" / record["quarantine_file"]).is_file():
-        return False
-    return file_sha256(path) == record["sha256"]
-
-
-def _check_quarantine(config: JobConfig, totals: dict[str, Any]) -> None:
-    limit = config.input.max_quarantined
-    allowed = limit * totals["rows_in"] if limit < 1 else limit
-    if totals["quarantined"] > allowed:
-        raise JobFailed(
-            f"{totals['quarantined']} of {totals['rows_in']} input rows were quarantined, more than "
-            f"input.max_quarantined ({limit}) allows; see the quarantine/ directory"
-        )
-
-
-def run_tokenize(config: JobConfig, *, force: bool = False, progress: ProgressCallback | None = None) -> StageResult:
-    """Run the tokenize stage of ``config``: plan, tokenize every missing unit on Ray, commit, finish.
+def run_job(config: JobConfig, *, stages: tuple[str, ...] = STAGES, force: bool = False,
+            progress: ProgressCallback | None = None) -> dict[str, StageResult]:
+    """Run ``stages`` of the job (tokenize, embed, or both overlapping) and return each stage's result.
 
     Raises:
         ConfigError: bad settings or inputs found before any work (exit 2 in the CLI).
-        JobFailed: a unit failed or too many rows were quarantined (exit 1).
+        JobFailed: a unit or shard failed, or too many rows were quarantined (exit 1).
     """
     started = time.monotonic()
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -158,92 +122,215 @@ def run_tokenize(config: JobConfig, *, force: bool = False, progress: ProgressCa
         units = plan_units(files, config.output.shard_rows)
         with ray_session(config):
             spec = spec_future.result()
-            return _tokenize_stage(config, spec, files, units, force, progress, started)
+            return _Job(config, spec, files, units, force, progress, started).run(stages)
 
 
-def _tokenize_stage(config: JobConfig, spec: TokenizeSpec, files: list[Any], units: list[WorkUnit], force: bool,
-                    progress: ProgressCallback | None, started: float) -> StageResult:
-    tokenizer_sha = hashlib.sha256(spec.tokenizer_json.encode()).hexdigest()
-    out_dir = Path(config.output.path)
-    manifest = _prepare_output(out_dir, new_manifest(config, files, units, tokenizer_sha), force)
-    stage = manifest["stages"].setdefault("tokens", {"status": "running", "shards": {}})
-    stage["histogram_edges"] = spec.histogram_edges()
-    clean_staging(out_dir / "tokens")
-    clean_staging(out_dir / "quarantine")
-
-    stage["shards"] = {name: rec for name, rec in stage["shards"].items() if _committed_ok(out_dir, "tokens", rec)}
-    skipped = len(stage["shards"])
-    done_units = {rec["unit"] for rec in stage["shards"].values()}
-    todo = [u for u in units if u.index not in done_units]
-    if not todo and stage.get("status") == "complete":
-        return StageResult("tokens", out_dir, len(units), skipped, stage.get("totals", {}),
-                           time.monotonic() - started, nothing_to_do=True)
-    stage["status"] = "running"
-    manifest["status"] = "running"
-    save_manifest(out_dir, manifest)
-
-    failures = _run_units(config, spec, units, todo, manifest, out_dir, progress, started, skipped)
-    add_counts(manifest, "tokens")
-    totals = stage["totals"]
-    if failures:
-        stage["status"] = manifest["status"] = "failed"
-        save_manifest(out_dir, manifest)
-        raise JobFailed("tokenize failed:\n  " + "\n  ".join(failures))
-    try:
-        _check_quarantine(config, totals)
-    except JobFailed:
-        stage["status"] = manifest["status"] = "failed"
-        save_manifest(out_dir, manifest)
-        raise
-    names = [rec["name"] for rec in sorted(stage["shards"].values(), key=lambda r: r["unit"])]
-    write_dataset_metadata(out_dir / "tokens", token_schema(spec), names, manifest["config_hash"])
-    stage["status"] = "complete"
-    manifest["status"] = "complete"
-    save_manifest(out_dir, manifest)
-    return StageResult("tokens", out_dir, len(units), skipped, totals, time.monotonic() - started, False)
+def run_tokenize(config: JobConfig, *, force: bool = False, progress: ProgressCallback | None = None) -> StageResult:
+    """Run the tokenize stage alone (see :func:`run_job`)."""
+    return run_job(config, stages=("tokens",), force=force, progress=progress)["tokens"]
 
 
-def _run_units(config: JobConfig, spec: TokenizeSpec, units: list[WorkUnit], todo: list[WorkUnit],
-               manifest: dict[str, Any], out_dir: Path, progress: ProgressCallback | None,
-               started: float, skipped: int) -> list[str]:
-    """Tokenize ``todo`` on Ray; record each report as it lands; return the failures' messages."""
+def _encoder_resources(config: JobConfig) -> tuple[str, int, dict[str, float], int | None]:
+    """(device, actor count, per-actor resources, torch threads) for the cluster at hand."""
     import ray
 
-    try:
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
+    device = config.encoder.device
+    if device == "cuda" and gpus == 0:
+        raise ConfigError("encoder.device: 'cuda' but the Ray cluster has no GPU; use device: auto or cpu")
+    if device in ("auto", "cuda") and gpus:
+        return "cuda", gpus, {"num_gpus": 1, "num_cpus": 1}, None
+    # One CPU actor reserves one CPU slot (so tokenize tasks still run beside it) and computes with
+    # every core: tokenizing is short next to encoding on a CPU.
+    return "cpu", 1, {"num_cpus": 1}, max(1, cpus)
+
+
+class _Job:
+    """One run of the driver over an output directory."""
+
+    def __init__(self, config: JobConfig, spec: TokenizeSpec, files: list[Any], units: list[WorkUnit],
+                 force: bool, progress: ProgressCallback | None, started: float) -> None:
+        self.config, self.spec, self.units = config, spec, units
+        self.progress, self.started = progress, started
+        self.out_dir = Path(config.output.path)
+        tokenizer_sha = hashlib.sha256(spec.tokenizer_json.encode()).hexdigest()
+        self.manifest = prepare_output(self.out_dir, new_manifest(config, files, units, tokenizer_sha), force)
+        self.last_save = 0.0
+        self.failures: list[str] = []
+        self.embed_spec: EmbedSpec | None = None
+
+    # ------------------------------------------------------------ bookkeeping
+
+    def _stage(self, name: str) -> dict[str, Any]:
+        return self.manifest["stages"].setdefault(name, {"status": "pending", "shards": {}})
+
+    def _save(self, force: bool = False) -> None:
+        if force or time.monotonic() - self.last_save > _MANIFEST_INTERVAL:
+            save_manifest(self.out_dir, self.manifest)
+            self.last_save = time.monotonic()
+
+    def _report(self, stage: str, skipped: int) -> None:
+        if self.progress:
+            shards = self._stage(stage)["shards"].values()
+            rows = sum(s["rows"] for s in shards)
+            tokens = sum(s.get("tokens", 0) for s in shards)
+            label = "tokenize" if stage == "tokens" else "embed"
+            self.progress(Progress(label, len(shards), len(self.units), rows, tokens,
+                                   time.monotonic() - self.started, skipped))
+
+    def _keep_committed(self, stage: str) -> int:
+        record = self._stage(stage)
+        clean_staging(self.out_dir / stage)
+        record["shards"] = {n: r for n, r in record["shards"].items() if committed_ok(self.out_dir, stage, r)}
+        if stage == "embeddings":  # an embedding shard is only valid for the token shard it was made from
+            tokens = self._stage("tokens")["shards"]
+            record["shards"] = {n: r for n, r in record["shards"].items()
+                                if n in tokens and tokens[n]["sha256"] == r["tokens_sha256"]}
+        return len(record["shards"])
+
+    # ------------------------------------------------------------ the run
+
+    def run(self, stages: tuple[str, ...]) -> dict[str, StageResult]:
+        tokens = self._stage("tokens")
+        tokens["histogram_edges"] = self.spec.histogram_edges()
+        clean_staging(self.out_dir / "quarantine")
+        skipped = {"tokens": self._keep_committed("tokens")}
+        if "embeddings" in stages:
+            if "tokens" not in stages and tokens.get("status") != "complete":
+                raise ConfigError(f"{self.out_dir}/tokens is not complete: run `embedpipe tokenize` (or `run`) first")
+            skipped["embeddings"] = self._keep_committed("embeddings")
+        done_units = {r["unit"] for r in tokens["shards"].values()}
+        unit_todo = [u for u in self.units if u.index not in done_units] if "tokens" in stages else []
+        names = [r["name"] for r in sorted(tokens["shards"].values(), key=lambda r: r["unit"])]
+        embed_todo = [n for n in names if n not in self._stage("embeddings")["shards"]] if "embeddings" in stages else []
+
+        finished = all(self._stage(s).get("status") == "complete" for s in stages)
+        if finished and not unit_todo and not embed_todo:
+            return {s: self._result(s, skipped[s], nothing_to_do=True) for s in stages}
+        if "embeddings" in stages:
+            device, n_actors, resources, threads = _encoder_resources(self.config)
+            self.embed_spec = plan_embed(self.config, self.spec, device, threads)
+        for stage in stages:
+            self._stage(stage)["status"] = "running"
+        self.manifest["status"] = "running"
+        self._save(force=True)
+        try:
+            self._execute(unit_todo, embed_todo, stages, skipped)
+        finally:
+            self._save(force=True)
+        return self._finish(stages, skipped)
+
+    def _execute(self, unit_todo: list[WorkUnit], embed_todo: list[str], stages: tuple[str, ...],
+                 skipped: dict[str, int]) -> None:
+        import ray
+
         task = ray.remote(num_cpus=1, max_retries=3, retry_exceptions=False)(_tokenize_task)
-        read = ReadSpec(config.input.text_column, config.input.id_column)
-        spec_ref = ray.put(spec)
+        read = ReadSpec(self.config.input.text_column, self.config.input.id_column)
+        spec_ref = ray.put(self.spec)
         # Enough in flight to keep every CPU busy while results are recorded, few enough to bound memory.
         max_in_flight = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
-        stage = manifest["stages"]["tokens"]
-        pending: dict[Any, WorkUnit] = {}
-        queue = list(todo)
-        failures: list[str] = []
-        rows = tokens = 0
-        last_save = time.monotonic()
-        while queue or pending:
-            while queue and len(pending) < max_in_flight:
+        token_refs: dict[Any, WorkUnit] = {}
+        embed_refs: dict[Any, tuple[int, str]] = {}
+        queue, waiting_shards = list(unit_todo), list(embed_todo)
+
+        def submit_tokenize() -> None:
+            while queue and len(token_refs) < max_in_flight:
                 unit = queue.pop(0)
-                ref = task.remote(unit, len(units), read, spec_ref, str(out_dir))
-                pending[ref] = unit
-            ready, _ = ray.wait(list(pending), num_returns=1)
+                token_refs[task.remote(unit, len(self.units), read, spec_ref, str(self.out_dir))] = unit
+
+        submit_tokenize()  # tokenizing starts while the encoders load their models
+        actors = self._start_encoders() if "embeddings" in stages else []
+        load = {i: 0 for i in range(len(actors))}
+        while queue or token_refs or waiting_shards or embed_refs:
+            submit_tokenize()
+            while waiting_shards and actors and min(load.values()) < _SHARDS_PER_ACTOR:
+                actor = min(load, key=load.get)
+                name = waiting_shards.pop(0)
+                embed_refs[actors[actor].embed_shard.remote(str(self.out_dir), name)] = (actor, name)
+                load[actor] += 1
+            ready, _ = ray.wait([*token_refs, *embed_refs], num_returns=1)
             for ref in ready:
-                unit = pending.pop(ref)
-                try:
-                    report = ray.get(ref)
-                except (ray.exceptions.RayTaskError, ray.exceptions.WorkerCrashedError) as exc:
-                    cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause else exc
-                    failures.append(f"unit {unit.index} ({unit.describe()}): {type(cause).__name__}: {cause}")
-                    continue
-                stage["shards"][report["name"]] = report
-                rows += report["rows"]
-                tokens += report["tokens"]
-            if time.monotonic() - last_save > _MANIFEST_INTERVAL:
-                save_manifest(out_dir, manifest)
-                last_save = time.monotonic()
-            if progress:
-                done = len(stage["shards"])
-                progress(Progress("tokenize", done, len(units), rows, tokens, time.monotonic() - started, skipped))
-        return failures
-    finally:
-        save_manifest(out_dir, manifest)
+                if ref in token_refs:
+                    unit = token_refs.pop(ref)
+                    report = self._collect(ref, f"unit {unit.index} ({unit.describe()})")
+                    if report:
+                        self._stage("tokens")["shards"][report["name"]] = report
+                        if actors:
+                            waiting_shards.append(report["name"])
+                        self._report("tokens", skipped["tokens"])
+                else:
+                    actor, name = embed_refs.pop(ref)
+                    load[actor] -= 1
+                    report = self._collect(ref, f"embedding of tokens/{name}")
+                    if report:
+                        self._stage("embeddings")["shards"][name] = report
+                        self._report("embeddings", skipped.get("embeddings", 0))
+            self._save()
+
+    def _start_encoders(self) -> list[Any]:
+        """Start the encoder actors and load their models (errors in the model surface here, as ConfigError)."""
+        import ray
+
+        _, n_actors, resources, _ = _encoder_resources(self.config)
+        actor_class = ray.remote(max_restarts=2, max_task_retries=2, **resources)(ShardEncoder)
+        actors = [actor_class.remote(self.embed_spec) for _ in range(n_actors)]
+        try:
+            self.hidden_size = ray.get([a.hidden_size.remote() for a in actors])[0]
+        except ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, ConfigError):
+                raise exc.cause from None
+            raise
+        return actors
+
+    def _collect(self, ref: Any, what: str) -> dict[str, Any] | None:
+        import ray
+
+        try:
+            return ray.get(ref)
+        except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as exc:
+            cause = getattr(exc, "cause", None) or exc
+            self.failures.append(f"{what}: {type(cause).__name__}: {cause}")
+            return None
+
+    # ------------------------------------------------------------ the end
+
+    def _fail(self, message: str) -> JobFailed:
+        for stage in self.manifest["stages"].values():
+            if stage.get("status") == "running":
+                stage["status"] = "failed"
+        self.manifest["status"] = "failed"
+        self._save(force=True)
+        return JobFailed(message)
+
+    def _finish(self, stages: tuple[str, ...], skipped: dict[str, int]) -> dict[str, StageResult]:
+        add_counts(self.manifest, "tokens")
+        if "embeddings" in stages:
+            add_counts(self.manifest, "embeddings")
+        if self.failures:
+            raise self._fail("the job failed:\n  " + "\n  ".join(self.failures))
+        totals = self._stage("tokens")["totals"]
+        limit = self.config.input.max_quarantined
+        quarantined, rows_in = totals.get("quarantined", 0), totals.get("rows_in", 0)
+        if quarantined > (limit * rows_in if limit < 1 else limit):
+            raise self._fail(
+                f"{quarantined} of {rows_in} input rows were quarantined, more than "
+                f"input.max_quarantined ({limit}) allows; see the quarantine/ directory"
+            )
+        names = [r["name"] for r in sorted(self._stage("tokens")["shards"].values(), key=lambda r: r["unit"])]
+        if "tokens" in stages:
+            write_dataset_metadata(self.out_dir / "tokens", token_schema(self.spec), names, self.manifest["config_hash"])
+            self._stage("tokens")["status"] = "complete"
+        if "embeddings" in stages:
+            schema = embedding_schema(self.embed_spec, self.hidden_size, self.spec.stride is not None)
+            write_dataset_metadata(self.out_dir / "embeddings", schema, names, self.manifest["config_hash"])
+            self._stage("embeddings")["status"] = "complete"
+        if all(self._stage(s).get("status") == "complete" for s in STAGES if s in self.manifest["stages"]):
+            self.manifest["status"] = "complete"
+        self._save(force=True)
+        return {s: self._result(s, skipped[s], nothing_to_do=False) for s in stages}
+
+    def _result(self, stage: str, skipped: int, nothing_to_do: bool) -> StageResult:
+        record = self._stage(stage)
+        return StageResult(stage, self.out_dir, len(self.units), skipped, record.get("totals", {}),
+                           time.monotonic() - self.started, nothing_to_do)

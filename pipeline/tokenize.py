@@ -41,6 +41,7 @@ class TokenizeSpec:
     # True when the post-processor gives every token of a single sequence type id 0 (BERT, RoBERTa,
     # GPT-2, CLIP...): the type ids are then known without reading them back from each encoding.
     single_type_ids_zero: bool = False
+    vocab_size: int = 0  # with added tokens: the encoder's embedding table must be at least this large
 
     @property
     def fixed_width(self) -> int | None:

@@ -1,0 +1,50 @@
+"""The output directory between runs: reuse a matching job's output, refuse another's, verify shards."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import ConfigError
+from pipeline.manifest import differences, load_manifest
+from pipeline.shards import file_sha256
+
+_JOB_ENTRIES = ("tokens", "embeddings", "quarantine", "manifest.json")
+
+
+def prepare_output(out_dir: Path, fresh: dict[str, Any], force: bool) -> dict[str, Any]:
+    """The manifest to continue with: the existing one if it is the same job, else ``fresh``.
+
+    Raises:
+        ConfigError: ``out_dir`` holds a different job's output and ``force`` is off (it names what differs).
+    """
+    old = load_manifest(out_dir)
+    if old is not None and not force:
+        changed = differences(old, fresh)
+        if changed:
+            raise ConfigError(
+                f"{out_dir} holds the output of a different job ({'; '.join(changed)}); "
+                "use another output directory, or --force to start over"
+            )
+        old["config"] = fresh["config"]
+        return old
+    if force:
+        for entry in _JOB_ENTRIES:
+            target = out_dir / entry
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return fresh
+
+
+def committed_ok(out_dir: Path, stage: str, record: dict[str, Any]) -> bool:
+    """Whether a shard the manifest lists is on disk as committed: same size, same sha256."""
+    path = out_dir / stage / record["name"]
+    if not path.is_file() or path.stat().st_size != record["bytes"]:
+        return False
+    if record.get("quarantine_file") and not (out_dir / "quarantine" / record["quarantine_file"]).is_file():
+        return False
+    return file_sha256(path) == record["sha256"]

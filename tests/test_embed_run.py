@@ -1,0 +1,152 @@
+"""The embed stage end to end on the session's Ray cluster: aligned shards, references, reruns."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from pipeline.config import validate_config
+from pipeline.encode import arrow_to_tensor
+from pipeline.errors import ConfigError
+from pipeline.run import run_job
+from pipeline.shards import read_shard
+from tiny_models import build_tiny_clip_text, build_tiny_gpt2
+
+TEXTS = [
+    "A cat sits on the mat.", "", "Tokenizers and encoders turn text into vectors.",
+    "机器学习模型需要大量的训练数据。", "Emoji 😀 and accents: café, naïve.", "short",
+    "A much longer paragraph about embeddings. " * 12, "مرحبا بالعالم", "The quick brown fox.",
+] * 5
+
+
+def _corpus(tmp_path: Path) -> Path:
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps({"id": f"doc-{i}", "text": t}, ensure_ascii=False) + "\n"
+                            for i, t in enumerate(TEXTS)), encoding="utf-8")
+    return path
+
+
+def _config(corpus: Path, out: Path, tokenizer: dict | None = None, encoder: dict | None = None):
+    return validate_config({
+        "input": {"path": str(corpus), "id_column": "id"},
+        "output": {"path": str(out), "shard_rows": 16},
+        "tokenizer": {"name": "minilm", "max_length": 256, **(tokenizer or {})},
+        "encoder": {"model": "minilm", "pooling": "mean", "normalize": True, **(encoder or {})},
+    })
+
+
+def _embeddings(out: Path) -> tuple[list[str], np.ndarray]:
+    tables = [read_shard(p) for p in sorted((out / "embeddings").glob("*.arrow"))]
+    ids = [i for t in tables for i in t.column("id").to_pylist()]
+    field = tables[0].schema.field("embedding")
+    return ids, torch.cat([arrow_to_tensor(t.column("embedding"), field) for t in tables]).float().numpy()
+
+
+def test_run_matches_sentence_transformers_row_for_row(ray_cluster, tmp_path, minilm_dir):
+    from sentence_transformers import SentenceTransformer
+
+    out, corpus = tmp_path / "out", _corpus(tmp_path)
+    results = run_job(_config(corpus, out))
+    assert set(results) == {"tokens", "embeddings"}
+    ids, got = _embeddings(out)
+    assert ids == [f"doc-{i}" for i in range(len(TEXTS))]
+    # Row j of embedding shard i belongs to row j of token shard i.
+    for shard in sorted((out / "tokens").glob("*.arrow")):
+        assert read_shard(shard).column("id") == read_shard(out / "embeddings" / shard.name).column("id")
+    model = SentenceTransformer(minilm_dir, device="cpu")
+    model.max_seq_length = 256
+    want = model.encode(TEXTS, normalize_embeddings=True, batch_size=7)
+    cosine = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    assert cosine.min() >= 0.99999
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    tokens, embeddings = manifest["stages"]["tokens"], manifest["stages"]["embeddings"]
+    assert sorted(embeddings["shards"]) == sorted(tokens["shards"])
+    for name, record in embeddings["shards"].items():
+        assert record["tokens_sha256"] == tokens["shards"][name]["sha256"]
+        assert record["nonfinite_rows"] == 0 and abs(record["mean_norm"] - 1.0) < 1e-4
+    ds = datasets.load_from_disk(str(out / "embeddings")).with_format("torch")
+    assert ds[:3]["embedding"].shape == (3, 384)
+    again = run_job(_config(corpus, out))
+    assert all(r.nothing_to_do for r in again.values())
+
+
+def test_embed_alone_after_tokenize_and_budget_does_not_change_rows(ray_cluster, tmp_path):
+    corpus = _corpus(tmp_path)
+    run_job(_config(corpus, tmp_path / "a"), stages=("tokens",))
+    with pytest.raises(ConfigError, match="not complete"):
+        run_job(_config(corpus, tmp_path / "b"), stages=("embeddings",))
+    run_job(_config(corpus, tmp_path / "a"), stages=("embeddings",))
+    run_job(_config(corpus, tmp_path / "c", encoder={"max_tokens_per_batch": 64}))
+    ids_a, emb_a = _embeddings(tmp_path / "a")
+    ids_c, emb_c = _embeddings(tmp_path / "c")
+    assert ids_a == ids_c
+    np.testing.assert_allclose(emb_a, emb_c, atol=1e-6)
+
+
+def test_per_token_clip_output_and_bfloat16(ray_cluster, tmp_path):
+    clip = build_tiny_clip_text(tmp_path / "clip")
+    out = tmp_path / "out"
+    config = _config(_corpus(tmp_path), out,
+                     tokenizer={"name": str(clip), "max_length": 77, "padding": "max_length"},
+                     encoder={"model": str(clip), "pooling": "none", "normalize": False,
+                              "use_attention_mask": False, "output_dtype": "bfloat16"})
+    run_job(config)
+    table = read_shard(next((out / "embeddings").glob("*.arrow")))
+    field = table.schema.field("embedding")
+    assert field.metadata[b"embedpipe.dtype"] == b"bfloat16"
+    tensor = arrow_to_tensor(table.column("embedding"), field)
+    assert tensor.dtype == torch.bfloat16 and tensor.shape == (len(table), 77, 32)
+    # Bit patterns round-trip: the stored uint16 values are the tensor's bits.
+    stored = table.column("embedding").combine_chunks().flatten().flatten().to_numpy()
+    assert np.array_equal(tensor.view(torch.int16).numpy().reshape(-1).view(np.uint16), stored)
+    assert pa.types.is_fixed_size_list(field.type.value_type)
+
+
+def test_encoder_config_errors_before_work(ray_cluster, tmp_path):
+    corpus = _corpus(tmp_path)
+    gpt2 = build_tiny_gpt2(tmp_path / "gpt2")
+    with pytest.raises(ConfigError, match="encoder.layer"):
+        run_job(_config(corpus, tmp_path / "o1", encoder={"layer": 9}))
+    with pytest.raises(ConfigError, match="tokenizer has .* tokens but encoder.model"):
+        run_job(_config(corpus, tmp_path / "o2", encoder={"model": str(gpt2)}))
+    with pytest.raises(ConfigError, match="per-token output"):
+        run_job(_config(corpus, tmp_path / "o3", tokenizer={"padding": "longest"}, encoder={"pooling": "none"}))
+    with pytest.raises(ConfigError, match="encoder.device: 'cuda'"):
+        run_job(_config(corpus, tmp_path / "o4", encoder={"device": "cuda"}))
+    assert not (tmp_path / "o1" / "tokens").exists()
+
+
+def test_left_padded_decoder_last_token_pooling(ray_cluster, tmp_path):
+    """GPT-2 style: pad with end-of-text on the left, pool the last real token; equals a lone forward pass."""
+    from transformers import AutoTokenizer, GPT2Model
+
+    gpt2 = build_tiny_gpt2(tmp_path / "gpt2")
+    out = tmp_path / "out"
+    texts = TEXTS[:9]
+    corpus = tmp_path / "g.jsonl"
+    corpus.write_text("".join(json.dumps({"id": str(i), "text": t}, ensure_ascii=False) + "\n"
+                              for i, t in enumerate(texts)), encoding="utf-8")
+    config = _config(corpus, out, tokenizer={"name": str(gpt2), "max_length": 32, "padding_side": "left",
+                                             "pad_token": "<|endoftext|>"},
+                     encoder={"model": str(gpt2), "pooling": "last", "normalize": False})
+    run_job(config)
+    _, got = _embeddings(out)
+    model = GPT2Model.from_pretrained(str(gpt2)).eval()
+    tok = AutoTokenizer.from_pretrained(str(gpt2))
+    for row, text in enumerate(texts):
+        ids = tok(text, truncation=True, max_length=32)["input_ids"]
+        if not ids:
+            assert not got[row].any()
+            continue
+        with torch.inference_mode():
+            want = model(input_ids=torch.tensor([ids])).last_hidden_state[0, -1].numpy()
+        cosine = float(got[row] @ want / np.linalg.norm(got[row]) / np.linalg.norm(want))
+        assert cosine >= 0.99999, (row, cosine)
