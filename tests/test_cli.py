@@ -109,3 +109,10 @@ def test_worked_examples_match_transformers(tmp_path):
         assert ds[:300]["input_ids"] == ref["input_ids"]
         assert ds[:300]["attention_mask"] == ref["attention_mask"]
         assert ds.features["input_ids"].length == case["max_length"]
+
+
+def test_cuda_without_gpu_exits_2_before_any_work(tmp_path):
+    done = embedpipe("run", "conf/default.yaml", "--set", "encoder.device=cuda", "-o", str(tmp_path / "o"))
+    assert done.returncode == 2
+    assert "encoder.device: 'cuda'" in done.stderr
+    assert not (tmp_path / "o" / "tokens").exists()
