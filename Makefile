@@ -9,7 +9,7 @@ TORCH  ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: run test test-slow bench-tokenize clean
+.PHONY: run test test-slow bench-tokenize bench-embed clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,10 @@ test-slow: $(VENV)/.installed
 	$(BIN)/python -m pytest -q -m slow
 
 bench-tokenize: $(VENV)/.installed
-	$(BIN)/python benchmarks/tokenize.py --mb 300
+	$(BIN)/python benchmarks/tokenize_stage.py --mb 300
+
+bench-embed: $(VENV)/.installed
+	$(BIN)/python benchmarks/embed_stage.py --rows 10000
 
 clean:
 	rm -rf out bench-work

@@ -1,4 +1,4 @@
-"""Settings and helpers shared by the baseline contenders of benchmarks/tokenize.py.
+"""Settings and helpers shared by the baseline contenders of benchmarks/tokenize_stage.py.
 
 Every contender tokenizes the "text" column of a JSONL corpus with the MiniLM
 tokenizer, truncation on, padding to max_length, max_length 128.

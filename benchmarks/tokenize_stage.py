@@ -22,9 +22,9 @@ the highest peak PSS.
 
 Commands (from /work/main, venv active: `. /work/main/.venv/bin/activate`):
 
-    python benchmarks/tokenize.py --corpus /tmp/c5.jsonl --json bench-work/tokenize-5mb.json
-    python benchmarks/tokenize.py --mb 5 --only a,b,c          # generates bench-work/corpus-5mb.jsonl
-    python benchmarks/tokenize.py --mb 200 --sizes 1000 --repeat 3 --json bench-work/tokenize-200mb.json
+    python benchmarks/tokenize_stage.py --corpus /tmp/c5.jsonl --json bench-work/tokenize-5mb.json
+    python benchmarks/tokenize_stage.py --mb 5 --only a,b,c          # generates bench-work/corpus-5mb.jsonl
+    python benchmarks/tokenize_stage.py --mb 200 --sizes 1000 --repeat 3 --json bench-work/tokenize-200mb.json
 
 --sizes M[,M2...] afterwards runs ours alone on corpora of M MB (generated with
 /work/shared/tools/make_corpus.py when missing) to show its peak PSS as the
@@ -38,10 +38,7 @@ from __future__ import annotations
 import os
 import sys
 
-# Running this file puts benchmarks/ first on sys.path, where this very file would
-# shadow the standard library's `tokenize` (imported by inspect, linecache, ...).
 _HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 import argparse  # noqa: E402
 import json  # noqa: E402

@@ -1,0 +1,169 @@
+"""Benchmark of the embed stage against SentenceTransformer.encode, on the same rows, in one run.
+
+    python benchmarks/embed_stage.py --corpus bench-work/corpus-18mb.jsonl --rows 10000 --json bench-work/embed.json
+
+Steps, each a whole separate process (so start-up and model loading count for everyone):
+  1. `embedpipe tokenize` the first --rows rows (MiniLM, max_length 128) into OUT (reported, not compared);
+  2. `embedpipe embed` on OUT (the embed stage alone);
+  3. `embedpipe run` into a fresh OUT2 (both stages, overlapping);
+  4. SentenceTransformer(minilm).encode(texts, batch_size=32 | 128, normalize_embeddings=True), each in
+     its own process (this file with --st-worker), max_seq_length = max_length.
+Prints rows/s and real tokens/s (the token shards' total `length`, the same for all), padding waste
+(computed tokens / real tokens: sentence-transformers sorts by characters and pads each batch to its
+longest row in tokens; embedpipe from its own batch plan), the per-row cosine between embedpipe's and
+each sentence-transformers output, and the targets: embed >= 1.4x the faster sentence-transformers
+setting (process vs process), min cosine >= 0.9999, run < 1.15x embed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0", TOKENIZERS_PARALLELISM="false")
+
+
+def st_worker(texts_path: Path, batch_size: int, max_length: int, out_npy: Path) -> None:
+    """In a fresh process: load the model, encode, save embeddings and the encode-call time."""
+    started = time.perf_counter()
+    from sentence_transformers import SentenceTransformer
+
+    from pipeline.models import resolve_alias
+
+    model = SentenceTransformer(resolve_alias("minilm"), device="cpu")
+    model.max_seq_length = max_length
+    texts = json.loads(texts_path.read_text(encoding="utf-8"))
+    loaded = time.perf_counter()
+    embeddings = model.encode(texts, batch_size=batch_size, normalize_embeddings=True)
+    done = time.perf_counter()
+    np.save(out_npy, embeddings)
+    print(json.dumps({"load_s": loaded - started, "encode_s": done - loaded}))
+
+
+def timed(cmd: list[str]) -> tuple[float, str]:
+    started = time.perf_counter()
+    done = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+    return time.perf_counter() - started, done.stdout
+
+
+def embedpipe(command: str, rows_path: Path, out: Path, max_length: int, shard_rows: int) -> float:
+    cmd = [sys.executable, "-m", "jobs.cli", command, "conf/default.yaml", "--set", f"input.path={rows_path}",
+           "--set", "input.id_column=id", "--set", f"tokenizer.max_length={max_length}",
+           "--set", f"output.shard_rows={shard_rows}", "--no-progress", "-o", str(out)]
+    return timed(cmd)[0]
+
+
+def read_embedding_shards(out: Path) -> tuple[np.ndarray, list[np.ndarray]]:
+    import pyarrow as pa
+
+    vectors, lengths = [], []
+    for shard in sorted((out / "embeddings").glob("data-*.arrow")):
+        table = pa.ipc.open_stream(pa.memory_map(str(shard))).read_all()
+        column = table.column("embedding").combine_chunks()
+        vectors.append(column.flatten().to_numpy().reshape(len(table), -1))
+        tokens = pa.ipc.open_stream(pa.memory_map(str(out / "tokens" / shard.name))).read_all()
+        lengths.append(tokens.column("length").to_numpy())
+    return np.concatenate(vectors), lengths
+
+
+def st_waste(texts: list[str], batch_size: int, max_length: int) -> float:
+    """Computed / real tokens of sentence-transformers' batches: sorted by characters, padded per batch."""
+    from transformers import AutoTokenizer
+
+    from pipeline.models import resolve_alias
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_alias("minilm"))
+    lengths = np.array([len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]])
+    order = np.argsort([-len(t) for t in texts], kind="stable")
+    computed = sum(len(b) * lengths[b].max() for b in np.array_split(order, range(batch_size, len(order), batch_size)))
+    return computed / lengths.sum()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--corpus", type=Path, default=REPO / "bench-work" / "corpus-18mb.jsonl")
+    ap.add_argument("--rows", type=int, default=10_000)
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--shard-rows", type=int, default=2500)
+    ap.add_argument("--workdir", type=Path, default=REPO / "bench-work" / "embed")
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--st-worker", nargs=3, metavar=("TEXTS", "BATCH", "NPY"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.st_worker:
+        st_worker(Path(args.st_worker[0]), int(args.st_worker[1]), args.max_length, Path(args.st_worker[2]))
+        return
+
+    from pipeline.encode import padding_waste, plan_batches
+
+    if not args.corpus.exists():  # real-looking text from the docs of this virtualenv's packages
+        make_corpus = REPO.parent / "shared" / "tools" / "make_corpus.py"
+        subprocess.run([sys.executable, str(make_corpus), str(args.corpus), "--mb", "20"], check=True)
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    args.workdir.mkdir(parents=True)
+    rows = [json.loads(line) for _, line in zip(range(args.rows), args.corpus.open(encoding="utf-8"))]
+    texts = [r["text"] for r in rows]
+    rows_path = args.workdir / "rows.jsonl"
+    rows_path.write_text("".join(json.dumps({"id": r["id"], "text": r["text"]}, ensure_ascii=False) + "\n"
+                                 for r in rows), encoding="utf-8")
+    texts_path = args.workdir / "texts.json"
+    texts_path.write_text(json.dumps(texts, ensure_ascii=False), encoding="utf-8")
+
+    out, out_run = args.workdir / "out", args.workdir / "out-run"
+    tokenize_s = embedpipe("tokenize", rows_path, out, args.max_length, args.shard_rows)
+    embed_s = embedpipe("embed", rows_path, out, args.max_length, args.shard_rows)
+    run_s = embedpipe("run", rows_path, out_run, args.max_length, args.shard_rows)
+    ours, lengths = read_embedding_shards(out)
+    real_tokens = int(sum(l.sum() for l in lengths))
+    ours_waste = (sum(padding_waste(l, plan_batches(l, 16_384)) * l.sum() for l in lengths) / real_tokens)
+
+    results = {"rows": len(texts), "real_tokens": real_tokens, "max_length": args.max_length,
+               "tokenize_s": tokenize_s, "embed_s": embed_s, "run_s": run_s, "embedpipe_waste": ours_waste, "st": {}}
+    for batch_size in (32, 128):
+        npy = args.workdir / f"st{batch_size}.npy"
+        wall, stdout = timed([sys.executable, str(Path(__file__).resolve()), "--max-length", str(args.max_length),
+                              "--st-worker", str(texts_path), str(batch_size), str(npy)])
+        inner = json.loads(stdout.strip().splitlines()[-1])
+        theirs = np.load(npy)
+        cosine = (ours * theirs).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(theirs, axis=1)
+        results["st"][batch_size] = {"process_s": wall, **inner, "waste": st_waste(texts, batch_size, args.max_length),
+                                     "min_cosine": float(cosine.min())}
+
+    n = len(texts)
+    print(f"\n{n} rows, {real_tokens:,} real tokens, MiniLM on CPU, max_length {args.max_length}, "
+          f"{os.cpu_count()} CPUs")
+    print(f"{'contender':34} {'process s':>9} {'rows/s':>8} {'tokens/s':>9} {'waste':>6} {'min cos':>9}  embed is")
+    print(f"{'embedpipe embed (stage alone)':34} {embed_s:9.1f} {n / embed_s:8.1f} {real_tokens / embed_s:9.0f} "
+          f"{ours_waste:6.3f}")
+    for batch_size, st in results["st"].items():
+        name = f"SentenceTransformer bs={batch_size}"
+        print(f"{name:34} {st['process_s']:9.1f} {n / st['process_s']:8.1f} {real_tokens / st['process_s']:9.0f} "
+              f"{st['waste']:6.3f} {st['min_cosine']:9.6f}  {st['process_s'] / embed_s:.2f}x process, "
+              f"encode call alone {st['encode_s']:.1f} s")
+    print(f"embedpipe run (both stages)        {run_s:9.1f}   = {run_s / embed_s:.2f}x the embed stage alone "
+          f"(tokenize alone took {tokenize_s:.1f} s)")
+    fastest = min(st["process_s"] for st in results["st"].values())
+    min_cos = min(st["min_cosine"] for st in results["st"].values())
+    targets = [("embed >= 1.4x the faster sentence-transformers setting", fastest / embed_s, fastest / embed_s >= 1.4),
+               ("min cosine >= 0.9999", min_cos, min_cos >= 0.9999),
+               ("run < 1.15x embed", run_s / embed_s, run_s / embed_s < 1.15)]
+    print("\ntargets:")
+    for name, value, ok in targets:
+        print(f"  {'PASS' if ok else 'FAIL'}  {name:58} {value:.4f}")
+    results["targets"] = [{"name": n_, "value": v, "pass": ok} for n_, v, ok in targets]
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
