@@ -8,6 +8,7 @@ Ray encoder actor is a thin wrapper around it).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -162,7 +163,7 @@ def plan_embed(config: Any, tokenize_spec: Any, device: str, num_threads: int | 
             vocabulary does not fit its embedding table, the layer is out of range, or per-token output is
             asked of rows that have no fixed width.
     """
-    from pipeline.encode import EncodeOptions
+    from pipeline.encode import DEFAULT_TOKENS_PER_BATCH, EncodeOptions
     from pipeline.encoders import _check_weights, _model_class, _read_config, resolve_model_dir
     from pipeline.errors import ConfigError
 
@@ -187,8 +188,11 @@ def plan_embed(config: Any, tokenize_spec: Any, device: str, num_threads: int | 
     if enc.pooling == "none" and tokenize_spec.fixed_width is None:
         raise ConfigError("encoder.pooling: 'none' (per-token output) needs rows of one width: "
                           "tokenizer.padding: max_length with truncation: true")
+    options = EncodeOptions.from_config(enc)
+    if enc.max_tokens_per_batch is None:
+        options = dataclasses.replace(options, max_tokens_per_batch=DEFAULT_TOKENS_PER_BATCH[device])
     return EmbedSpec(
-        model_dir=str(model_dir), options=EncodeOptions.from_config(enc), device=device,
+        model_dir=str(model_dir), options=options, device=device,
         allow_pickle=enc.allow_pickle, trust_remote_code=enc.trust_remote_code,
         padding_side=tokenize_spec.padding_side, seq_len=tokenize_spec.fixed_width, num_threads=num_threads,
     )
