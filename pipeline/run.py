@@ -159,6 +159,8 @@ class _Job:
         self.last_save = 0.0
         self.failures: list[str] = []
         self.embed_spec: EmbedSpec | None = None
+        self.encoders: tuple[str, int, dict[str, float], int | None] | None = None
+        self.hidden_size = 0
 
     # ------------------------------------------------------------ bookkeeping
 
@@ -209,7 +211,8 @@ class _Job:
         if finished and not unit_todo and not embed_todo:
             return {s: self._result(s, skipped[s], nothing_to_do=True) for s in stages}
         if "embeddings" in stages:
-            device, n_actors, resources, threads = _encoder_resources(self.config)
+            self.encoders = _encoder_resources(self.config)
+            device, _, _, threads = self.encoders
             self.embed_spec = plan_embed(self.config, self.spec, device, threads)
         for stage in stages:
             self._stage(stage)["status"] = "running"
@@ -272,7 +275,7 @@ class _Job:
         """Start the encoder actors and load their models (errors in the model surface here, as ConfigError)."""
         import ray
 
-        _, n_actors, resources, _ = _encoder_resources(self.config)
+        _, n_actors, resources, _ = self.encoders
         actor_class = ray.remote(max_restarts=2, max_task_retries=2, **resources)(ShardEncoder)
         actors = [actor_class.remote(self.embed_spec) for _ in range(n_actors)]
         try:

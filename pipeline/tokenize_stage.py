@@ -7,6 +7,7 @@ the driver records in the manifest.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,8 +31,8 @@ class ReadSpec:
     id_column: str | None
 
 
-def read_unit(unit: WorkUnit, read: ReadSpec) -> Any:
-    """Iterate the unit's rows as :class:`RowBatch` es."""
+def read_unit(unit: WorkUnit, read: ReadSpec) -> Iterator[RowBatch]:
+    """Iterate the unit's rows in batches (good rows and bad rows apart)."""
     if unit.file.format in LINE_FORMATS:
         return read_line_rows(unit.file, unit.first_row, unit.num_rows, unit.byte_start, unit.byte_stop,
                               read.text_column, read.id_column, BATCH_ROWS)
@@ -61,9 +62,7 @@ def run_unit(unit: WorkUnit, total_units: int, read: ReadSpec, spec: TokenizeSpe
     if bad:
         records = [b.to_json() | {"stage": "tokenize", "shard": name} for b in bad]
         quarantine_file = write_jsonl(records, Path(out_dir) / "quarantine" / f"tokens-{name[:-len('.arrow')]}.jsonl").path
-    kept = rows.lengths
-    max_content = (spec.max_length or 0)
-    truncated = int(np.count_nonzero(rows.untruncated > max_content)) if spec.truncation else 0
+    truncated = int(np.count_nonzero(rows.untruncated > (spec.max_length or 0))) if spec.truncation else 0
     return {
         "name": name,
         "unit": unit.index,
@@ -73,7 +72,7 @@ def run_unit(unit: WorkUnit, total_units: int, read: ReadSpec, spec: TokenizeSpe
         "texts": len(rows.untruncated),
         "quarantined": len(bad),
         "quarantine_file": Path(quarantine_file).name if quarantine_file else None,
-        "tokens": int(kept.sum()),
+        "tokens": int(rows.lengths.sum()),
         "untruncated_tokens": int(rows.untruncated.sum()),
         "truncated_rows": truncated,
         "length_histogram": length_histogram(spec, rows.untruncated),
@@ -81,5 +80,3 @@ def run_unit(unit: WorkUnit, total_units: int, read: ReadSpec, spec: TokenizeSpe
         "sha256": committed.sha256,
     }
 
-
-__all__ = ["ReadSpec", "RowBatch", "read_unit", "run_unit", "tokenize_unit"]
