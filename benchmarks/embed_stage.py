@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-ENV = dict(os.environ, HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0", TOKENIZERS_PARALLELISM="false")
+# No TOKENIZERS_PARALLELISM here: sentence-transformers keeps its tokenizer threads, as users run it.
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0")
 
 
 def st_worker(texts_path: Path, batch_size: int, max_length: int, out_npy: Path) -> None:
@@ -104,7 +105,7 @@ def main() -> None:
         st_worker(Path(args.st_worker[0]), int(args.st_worker[1]), args.max_length, Path(args.st_worker[2]))
         return
 
-    from pipeline.encode import padding_waste, plan_batches
+    from pipeline.encode import DEFAULT_TOKENS_PER_BATCH, padding_waste, plan_batches
 
     if not args.corpus.exists():  # real-looking text from the docs of this virtualenv's packages
         make_corpus = REPO.parent / "shared" / "tools" / "make_corpus.py"
@@ -125,7 +126,7 @@ def main() -> None:
     run_s = embedpipe("run", rows_path, out_run, args.max_length, args.shard_rows)
     ours, lengths = read_embedding_shards(out)
     real_tokens = int(sum(l.sum() for l in lengths))
-    ours_waste = (sum(padding_waste(l, plan_batches(l, 16_384)) * l.sum() for l in lengths) / real_tokens)
+    ours_waste = (sum(padding_waste(l, plan_batches(l, DEFAULT_TOKENS_PER_BATCH["cpu"])) * l.sum() for l in lengths) / real_tokens)
 
     results = {"rows": len(texts), "real_tokens": real_tokens, "max_length": args.max_length,
                "tokenize_s": tokenize_s, "embed_s": embed_s, "run_s": run_s, "embedpipe_waste": ours_waste, "st": {}}
