@@ -30,6 +30,10 @@ class InputConfig(_Section):
     id_column: str | None = None
     # A whole number is a row count; a number below 1 is a fraction of the rows read.
     max_quarantined: float = Field(default=0.01, ge=0)
+    # A text holding a NUL byte is quarantined (reject), cleaned (strip) or tokenized as it is (keep).
+    nul_bytes: Literal["reject", "strip", "keep"] = "reject"
+    # Longer texts (UTF-8 bytes) are quarantined: they bound a worker's memory. null = no limit.
+    max_text_bytes: int | None = Field(default=8 * 1024 * 1024, gt=0)
 
 
 class OutputConfig(_Section):

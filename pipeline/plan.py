@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.sources import LINE_FORMATS, InputFile, columnar_row_counts, open_binary
+from pipeline.sources import LINE_FORMATS, InputFile, columnar_row_counts, open_binary, reading
 
 # Bounds a unit's text in memory (a worker holds one unit's raw bytes at a time).
 DEFAULT_MAX_UNIT_BYTES = 32 * 1024 * 1024
@@ -55,7 +55,7 @@ def _line_ranges(file: InputFile, shard_rows: int, max_bytes: int) -> Iterator[t
     """Yield (first_row, num_rows, byte_start, byte_stop) of each unit of a line file."""
     unit_start, unit_first_row = 0, 0
     rows_before_chunk, pos, last_byte = 0, 0, b"\n"
-    with open_binary(file.uri) as fh:
+    with reading(file, "(counting lines)"), open_binary(file.uri) as fh:
         while chunk := fh.read(_SCAN_CHUNK):
             line_ends = np.flatnonzero(np.frombuffer(chunk, dtype=np.uint8) == 10) + pos
             i = 0

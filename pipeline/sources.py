@@ -9,8 +9,12 @@ instead of being dropped or stopping the job.
 from __future__ import annotations
 
 import json
+import lzma
+import os
 import posixpath
+import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,6 +77,31 @@ class RowBatch:
         return len(self.texts) + len(self.bad)
 
 
+@dataclass(frozen=True)
+class TextRules:
+    """What makes a text unusable beyond its type: NUL bytes (by policy) and size."""
+
+    nul_bytes: str = "reject"  # reject | strip | keep
+    max_text_bytes: int | None = None
+
+    def check(self, text: str) -> tuple[str | None, str]:
+        """(the text to tokenize, '') or (None, reason)."""
+        if "\x00" in text:
+            if self.nul_bytes == "reject":
+                return None, f"NUL byte at character {text.index(chr(0))} (input.nul_bytes: reject)"
+            if self.nul_bytes == "strip":
+                text = text.replace("\x00", "")
+        # A UTF-8 character is 1-4 bytes: only encode when the length alone cannot decide.
+        if self.max_text_bytes is not None and len(text) > self.max_text_bytes // 4:
+            size = len(text.encode("utf-8", errors="surrogatepass"))
+            if size > self.max_text_bytes:
+                return None, f"text is {size:,} bytes, over input.max_text_bytes ({self.max_text_bytes:,})"
+        return text, ""
+
+
+DEFAULT_RULES = TextRules()
+
+
 def _strip_compression(name: str) -> str:
     for suffix in _COMPRESSIONS:
         if name.endswith(suffix):
@@ -127,6 +156,7 @@ def discover(path: str, configured_format: str = "auto") -> list[InputFile]:
     elif fs.exists(root):
         base, paths = posixpath.dirname(root), [root]
     else:
+        _raise_if_unreachable(fs, root)
         raise ConfigError(f"input.path: {path} does not exist")
     files = []
     for p in paths:
@@ -137,6 +167,9 @@ def discover(path: str, configured_format: str = "auto") -> list[InputFile]:
                 continue  # a directory may hold READMEs and the like; skip what we cannot read
             raise ConfigError(f"input.format: cannot tell the format of {p} from its name; set input.format")
         info = fs.info(p)
+        if not info.get("size"):
+            raise InputError(f"{p}: cannot be read: the file is empty (0 bytes); "
+                             "remove it from the input if that is intended")
         uri = p if protocol in ("file", "local") else f"{protocol}://{p}"
         mtime = info.get("mtime") or info.get("LastModified") or info.get("updated")
         files.append(InputFile(uri=uri, name=name, format=fmt, size=int(info.get("size") or 0),
@@ -146,8 +179,41 @@ def discover(path: str, configured_format: str = "auto") -> list[InputFile]:
     return files
 
 
+def _raise_if_unreachable(fs: Any, root: str) -> None:
+    """A local path that "does not exist" only because it cannot be looked at: say so."""
+    if "local" not in fs.protocol and "file" not in fs.protocol:
+        return
+    try:
+        os.stat(root)
+    except PermissionError as exc:
+        raise InputError(f"{root}: cannot be read: {exc.strerror}") from None
+    except OSError:
+        pass
+
+
 def _is_hidden(path: str, root: str) -> bool:
     return any(part.startswith((".", "_")) for part in posixpath.relpath(path, root).split("/"))
+
+
+# What opening and decoding a damaged or unreadable file raises (gzip: EOFError, BadGzipFile is an OSError).
+_READ_ERRORS: tuple[type[BaseException], ...] = (OSError, EOFError, zlib.error, lzma.LZMAError, pa.ArrowException)
+try:
+    import zstandard
+
+    _READ_ERRORS += (zstandard.ZstdError,)
+except ImportError:  # pragma: no cover - fsspec reads .zst only with zstandard installed
+    pass
+
+
+@contextmanager
+def reading(file: InputFile, where: str = "") -> Iterator[None]:
+    """Turn a failure to open or decode ``file`` into an :class:`InputError` naming it, where, and why."""
+    try:
+        yield
+    except _READ_ERRORS as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+        at = f" {where}" if where else ""
+        raise InputError(f"{file.uri}:{at} cannot be read: {reason}") from None
 
 
 def open_binary(uri: str) -> Any:
@@ -159,7 +225,7 @@ def open_binary(uri: str) -> Any:
 
 
 def _first_json_object(file: InputFile) -> dict[str, Any] | None:
-    with open_binary(file.uri) as fh:
+    with reading(file), open_binary(file.uri) as fh:
         for line_no, line in enumerate(fh, start=1):
             if line.strip():
                 try:
@@ -172,14 +238,12 @@ def _first_json_object(file: InputFile) -> dict[str, Any] | None:
 
 def columnar_schema(file: InputFile) -> pa.Schema:
     """The Arrow schema of a Parquet or Arrow file."""
-    try:
+    with reading(file, f"({file.format} schema)"):
         if file.format == "parquet":
             with fsspec.open(file.uri, "rb") as fh:
                 return pq.ParquetFile(fh).schema_arrow
         with open_arrow(file.uri) as reader:
             return reader.schema
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise InputError(f"{file.uri}: cannot read the {file.format} schema: {exc}") from None
 
 
 def check_columns(files: list[InputFile], text_column: str, id_column: str | None) -> None:
@@ -269,9 +333,10 @@ def parse_line(line: bytes, fmt: str, text_column: str, id_column: str | None) -
 
 
 def read_line_rows(file: InputFile, first_row: int, num_rows: int, byte_start: int, byte_stop: int,
-                   text_column: str, id_column: str | None, batch_rows: int) -> Iterator[RowBatch]:
+                   text_column: str, id_column: str | None, batch_rows: int,
+                   rules: TextRules = DEFAULT_RULES) -> Iterator[RowBatch]:
     """Read lines [first_row, first_row + num_rows) of a JSONL or text file, stored at [byte_start, byte_stop)."""
-    with open_binary(file.uri) as fh:
+    with reading(file, f"lines {first_row + 1}-{first_row + num_rows}"), open_binary(file.uri) as fh:
         fh.seek(byte_start)
         data = fh.read(byte_stop - byte_start)
     lines = data.split(b"\n")
@@ -286,6 +351,8 @@ def read_line_rows(file: InputFile, first_row: int, num_rows: int, byte_start: i
     for offset, line in enumerate(lines):
         line_no = first_row + offset + 1
         row_id, text, reason = parse_line(line, file.format, text_column, id_column)
+        if text is not None:
+            text, reason = rules.check(text)
         if text is None:
             batch.bad.append(BadRow(file.name, f"line {line_no}", reason, _raw_text(line)))
         else:
@@ -313,15 +380,13 @@ def open_arrow(uri: str) -> Any:
 
 def columnar_row_counts(file: InputFile) -> list[int]:
     """Rows per row group (Parquet) or per record batch (Arrow): the grain units are cut at."""
-    try:
+    with reading(file, f"({file.format})"):
         if file.format == "parquet":
             with fsspec.open(file.uri, "rb") as fh:
                 meta = pq.ParquetFile(fh).metadata
                 return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
         with open_arrow(file.uri) as reader:
             return [batch.num_rows for batch in reader]
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise InputError(f"{file.uri}: cannot read {file.format}: {exc}") from None
 
 
 def _columnar_table(file: InputFile, first_row: int, num_rows: int, columns: list[str]) -> pa.Table:
@@ -356,13 +421,11 @@ def _columnar_table(file: InputFile, first_row: int, num_rows: int, columns: lis
 
 
 def read_columnar_rows(file: InputFile, first_row: int, num_rows: int, text_column: str,
-                       id_column: str | None, batch_rows: int) -> Iterator[RowBatch]:
+                       id_column: str | None, batch_rows: int, rules: TextRules = DEFAULT_RULES) -> Iterator[RowBatch]:
     """Read rows [first_row, first_row + num_rows) of a Parquet or Arrow file."""
     columns = [text_column] + ([id_column] if id_column and id_column != text_column else [])
-    try:
+    with reading(file, f"rows {first_row}-{first_row + num_rows - 1}"):
         table = _columnar_table(file, first_row, num_rows, columns)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise InputError(f"{file.uri}: rows {first_row}-{first_row + num_rows - 1}: cannot read: {exc}") from None
     for start in range(0, table.num_rows, batch_rows):
         part = table.slice(start, batch_rows)
         texts = part.column(text_column).to_pylist()
@@ -371,8 +434,13 @@ def read_columnar_rows(file: InputFile, first_row: int, num_rows: int, text_colu
         for offset, (text, raw_id) in enumerate(zip(texts, ids)):
             row = first_row + start + offset
             row_id = _row_id(raw_id) if id_column else f"{file.name}:{row}"
-            if not isinstance(text, str):
+            reason = ""
+            if isinstance(text, str):
+                text, reason = rules.check(text)
+            if text is None and not reason:
                 batch.bad.append(BadRow(file.name, f"row {row}", f"{text_column!r} is null, not a string", "null"))
+            elif text is None:
+                batch.bad.append(BadRow(file.name, f"row {row}", reason, _raw_text(part.column(text_column)[offset].as_py())))
             elif row_id is None:
                 reason = f"id column {id_column!r} is null or not a string/integer"
                 batch.bad.append(BadRow(file.name, f"row {row}", reason, _raw_text({"id": raw_id, "text": text})))

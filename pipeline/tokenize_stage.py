@@ -14,9 +14,10 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.faults import fault_point
 from pipeline.plan import WorkUnit
 from pipeline.shards import shard_name, write_jsonl, write_shard
-from pipeline.sources import LINE_FORMATS, BadRow, RowBatch, read_columnar_rows, read_line_rows
+from pipeline.sources import LINE_FORMATS, BadRow, RowBatch, TextRules, read_columnar_rows, read_line_rows
 from pipeline.tokenize import TokenizeSpec, TokenRows, length_histogram, to_table, tokenize_texts
 
 # Texts handed to the tokenizer at once: bounds the Rust encodings alive at a time.
@@ -29,14 +30,16 @@ class ReadSpec:
 
     text_column: str
     id_column: str | None
+    rules: TextRules = TextRules()
 
 
 def read_unit(unit: WorkUnit, read: ReadSpec) -> Iterator[RowBatch]:
     """Iterate the unit's rows in batches (good rows and bad rows apart)."""
     if unit.file.format in LINE_FORMATS:
         return read_line_rows(unit.file, unit.first_row, unit.num_rows, unit.byte_start, unit.byte_stop,
-                              read.text_column, read.id_column, BATCH_ROWS)
-    return read_columnar_rows(unit.file, unit.first_row, unit.num_rows, read.text_column, read.id_column, BATCH_ROWS)
+                              read.text_column, read.id_column, BATCH_ROWS, read.rules)
+    return read_columnar_rows(unit.file, unit.first_row, unit.num_rows, read.text_column, read.id_column, BATCH_ROWS,
+                              read.rules)
 
 
 def tokenize_unit(unit: WorkUnit, read: ReadSpec, spec: TokenizeSpec) -> tuple[Any, TokenRows, list[BadRow]]:
@@ -57,11 +60,13 @@ def run_unit(unit: WorkUnit, total_units: int, read: ReadSpec, spec: TokenizeSpe
     """Tokenize one unit and commit its shard (and quarantine file); return the shard's report."""
     name = shard_name(unit.index, total_units)
     table, rows, bad = tokenize_unit(unit, read, spec)
+    fault_point("tokenize.before_commit")
     committed = write_shard(table, Path(out_dir) / "tokens" / name)
     quarantine_file = None
     if bad:
         records = [b.to_json() | {"stage": "tokenize", "shard": name} for b in bad]
         quarantine_file = write_jsonl(records, Path(out_dir) / "quarantine" / f"tokens-{name[:-len('.arrow')]}.jsonl").path
+    fault_point("tokenize.after_commit")
     truncated = int(np.count_nonzero(rows.untruncated > (spec.max_length or 0))) if spec.truncation else 0
     return {
         "name": name,
