@@ -29,6 +29,10 @@ def _errors_to_exit_codes() -> Iterator[None]:
         yield
     except (ConfigError, InputError, JobFailed, LockHeld) as exc:
         _fail(exc)
+    except OSError as exc:  # the driver's own writes: a full disk, a read-only or vanished output directory
+        where = f"{exc.filename}: " if exc.filename else ""
+        _fail(JobFailed(f"{where}{exc.strerror or exc}; committed shards are kept, rerun the same command "
+                        "once the cause is fixed"))
 
 
 def _job_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -144,6 +148,60 @@ def run(config: str, overrides: tuple[str, ...], output: str | None, force: bool
     Example: embedpipe run conf/default.yaml -o out/default
     """
     _run_stages(("tokens", "embeddings"), config, overrides, output, force, progress)
+
+
+def _existing_output(out: str) -> Any:
+    from pathlib import Path
+
+    path = Path(out)
+    if not path.is_dir():
+        _fail(ConfigError(f"{out}: no such output directory"))
+    return path
+
+
+@main.command()
+@click.argument("out", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON object.")
+def status(out: str, as_json: bool) -> None:
+    """Show what is planned, committed, missing and quarantined per stage, and who holds the lock.
+
+    Cheap (sizes only); `verify` reads every byte. Example: embedpipe status out/default
+    """
+    import json
+
+    from pipeline.status import format_status, output_status
+
+    with _errors_to_exit_codes():
+        result = output_status(_existing_output(out))
+    click.echo(json.dumps(result.to_json(), indent=1) if as_json else format_status(result))
+
+
+@main.command()
+@click.argument("out", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as one JSON object.")
+def verify(out: str, as_json: bool) -> None:
+    """Re-read every shard and check it: checksums, row counts, schemas, token/embedding alignment,
+    unique ids, and rows in = rows written + rows quarantined. Exit 0 if all is well, 1 otherwise.
+
+    Example: embedpipe verify out/default
+    """
+    import json
+
+    from pipeline.verify import verify_output
+
+    with _errors_to_exit_codes():
+        result = verify_output(_existing_output(out))
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=1))
+    else:
+        for stage, checked in result.checked.items():
+            click.echo(f"{stage}: checked {checked['shards']} shards, {checked['rows']:,} rows, {checked['bytes']:,} bytes")
+        for warning in result.warnings:
+            click.echo(f"warning: {warning}", err=True)
+        for problem in result.problems:
+            click.echo(f"problem: {problem}")
+        click.echo(f"{out}: OK" if result.ok else f"{out}: {len(result.problems)} problems")
+    sys.exit(0 if result.ok else 1)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.faults import fault_point
 from pipeline.shards import file_sha256, read_shard, write_shard
 
 # How many ids of non-finite rows a shard report names (the count is always exact).
@@ -120,7 +121,9 @@ class ShardEncoder:
         if "chunk" in tokens.column_names:
             columns.append(tokens.column("chunk"))
         columns.append(embeddings_to_arrow(embeddings, schema.field("embedding")))
+        fault_point("embed.before_commit")
         committed = write_shard(pa.Table.from_arrays(columns, schema=schema), Path(out_dir) / "embeddings" / name)
+        fault_point("embed.after_commit")
         bad = count_nonfinite(embeddings, self.spec.options.output_dtype)
         return {
             "name": name,

@@ -9,6 +9,7 @@ in the manifest, and finishes each stage by writing the ``datasets`` metadata.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -21,14 +22,18 @@ from typing import Any
 from pipeline.config import JobConfig
 from pipeline.embed_stage import EmbedSpec, ShardEncoder, embedding_schema, plan_embed
 from pipeline.errors import ConfigError, JobFailed
+from pipeline.faults import fault_point
+from pipeline.lock import OutputLock
 from pipeline.manifest import add_counts, new_manifest, save_manifest
 from pipeline.models import load_tokenize_spec
 from pipeline.outdir import committed_ok, prepare_output
 from pipeline.plan import WorkUnit, plan_units
 from pipeline.shards import clean_staging, write_dataset_metadata
-from pipeline.sources import check_columns, discover
+from pipeline.sources import TextRules, check_columns, discover
 from pipeline.tokenize import TokenizeSpec, token_schema
 from pipeline.tokenize_stage import ReadSpec, run_unit
+
+log = logging.getLogger("embedpipe")
 
 STAGES = ("tokens", "embeddings")
 # Set in every task (not as a Ray runtime_env, which costs ~1 s of worker start-up):
@@ -119,10 +124,14 @@ def run_job(config: JobConfig, *, stages: tuple[str, ...] = STAGES, force: bool 
         spec_future = pool.submit(_load_spec_and_warm_up, config)
         files = discover(config.input.path, config.input.format)
         check_columns(files, config.input.text_column, config.input.id_column)
-        units = plan_units(files, config.output.shard_rows)
-        with ray_session(config):
-            spec = spec_future.result()
-            return _Job(config, spec, files, units, force, progress, started).run(stages)
+        with OutputLock(Path(config.output.path), command="+".join(stages)) as lock:
+            if lock.previous:
+                log.warning("took over the lock of %s left by a job that is gone: %s",
+                            config.output.path, lock.previous.describe())
+            units = plan_units(files, config.output.shard_rows)
+            with ray_session(config):
+                spec = spec_future.result()
+                return _Job(config, spec, files, units, force, progress, started).run(stages)
 
 
 def run_tokenize(config: JobConfig, *, force: bool = False, progress: ProgressCallback | None = None) -> StageResult:
@@ -229,7 +238,8 @@ class _Job:
         import ray
 
         task = ray.remote(num_cpus=1, max_retries=3, retry_exceptions=False)(_tokenize_task)
-        read = ReadSpec(self.config.input.text_column, self.config.input.id_column)
+        source = self.config.input
+        read = ReadSpec(source.text_column, source.id_column, TextRules(source.nul_bytes, source.max_text_bytes))
         spec_ref = ray.put(self.spec)
         # Enough in flight to keep every CPU busy while results are recorded, few enough to bound memory.
         max_in_flight = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -259,6 +269,7 @@ class _Job:
                     report = self._collect(ref, f"unit {unit.index} ({unit.describe()})")
                     if report:
                         self._stage("tokens")["shards"][report["name"]] = report
+                        fault_point("driver.after_record")
                         if actors:
                             waiting_shards.append(report["name"])
                         self._report("tokens", skipped["tokens"])
@@ -268,6 +279,7 @@ class _Job:
                     report = self._collect(ref, f"embedding of tokens/{name}")
                     if report:
                         self._stage("embeddings")["shards"][name] = report
+                        fault_point("driver.after_record")
                         self._report("embeddings", skipped.get("embeddings", 0))
             self._save()
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from pipeline.faults import fault_point
+
 STAGING_DIR = ".staging"
 # Rows per IPC record batch, as datasets' ArrowWriter does by default.
 BATCH_ROWS = 1000
@@ -55,10 +57,17 @@ def commit_bytes(data: bytes | memoryview, final_path: Path) -> CommittedFile:
     digest = hashlib.sha256(data).hexdigest()
     try:
         with open(tmp, "wb") as fh:
+            fault_point("commit.write")
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        fault_point("commit.before_rename")
         os.replace(tmp, final_path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.filename is None:  # name the file for the message (a full disk says nothing of where)
+            raise OSError(exc.errno, exc.strerror, str(final_path)) from exc
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
