@@ -9,7 +9,7 @@ TORCH  ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: run test test-slow bench-tokenize bench-embed clean
+.PHONY: run test test-faults test-slow bench-tokenize bench-embed clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q
+
+test-faults: $(VENV)/.installed
+	$(BIN)/python -m pytest -q -m faults
 
 test-slow: $(VENV)/.installed
 	$(BIN)/python -m pytest -q -m slow

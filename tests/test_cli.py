@@ -2,26 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import datasets
 
-from conftest import REPO
-
-
-def embedpipe(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0")
-    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
-
-
-def _digests(directory: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.glob("*.arrow"))}
+from cli_runs import REPO, embedpipe
+from cli_runs import digests as _digests
 
 
 def test_default_job_runs_and_reruns_as_a_no_op(tmp_path):
