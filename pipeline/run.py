@@ -43,6 +43,10 @@ WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "RAYON_NUM_THREADS": "1"}
 _MANIFEST_INTERVAL = 1.0
 # Shards queued on each encoder actor: one computing, one ready to start.
 _SHARDS_PER_ACTOR = 2
+# Resubmissions by the driver of a unit or shard whose process or node was lost, on top of Ray's own
+# retries (which do not cover every case, e.g. an actor on a removed node: ActorUnavailableError).
+_DRIVER_RETRIES = 3
+_RETRY = object()
 
 
 @dataclass
@@ -87,8 +91,8 @@ def ray_session(config: JobConfig) -> Iterator[None]:
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
     if address:
         ray.init(address=address, **kwargs)
-    else:
-        ray.init(num_cpus=config.ray.num_cpus, **kwargs)
+    else:  # "local": a new cluster, even when one started by `ray start` runs on this machine
+        ray.init(address="local", num_cpus=config.ray.num_cpus, **kwargs)
     try:
         yield
     finally:
@@ -107,8 +111,12 @@ def _load_spec_and_warm_up(config: JobConfig) -> TokenizeSpec:
 
 
 def _tokenize_task(unit: WorkUnit, total: int, read: ReadSpec, spec: TokenizeSpec, out_dir: str) -> dict[str, Any]:
+    import ray
+
     os.environ.update(WORKER_ENV)
-    return run_unit(unit, total, read, spec, out_dir)
+    report = run_unit(unit, total, read, spec, out_dir)
+    report["node"] = ray.get_runtime_context().get_node_id()  # where it ran, for the run report
+    return report
 
 
 def run_job(config: JobConfig, *, stages: tuple[str, ...] = STAGES, force: bool = False,
@@ -167,6 +175,7 @@ class _Job:
         self.manifest = prepare_output(self.out_dir, new_manifest(config, files, units, tokenizer_sha), force)
         self.last_save = 0.0
         self.failures: list[str] = []
+        self.attempts: dict[tuple[str, Any], int] = {}
         self.embed_spec: EmbedSpec | None = None
         self.encoders: tuple[str, int, dict[str, float], int | None] | None = None
         self.hidden_size = 0
@@ -244,7 +253,7 @@ class _Job:
         # Enough in flight to keep every CPU busy while results are recorded, few enough to bound memory.
         max_in_flight = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
         token_refs: dict[Any, WorkUnit] = {}
-        embed_refs: dict[Any, tuple[int, str]] = {}
+        embed_refs: dict[Any, tuple[int, Any, str]] = {}
         queue, waiting_shards = list(unit_todo), list(embed_todo)
 
         def submit_tokenize() -> None:
@@ -260,24 +269,30 @@ class _Job:
             while waiting_shards and actors and min(load.values()) < _SHARDS_PER_ACTOR:
                 actor = min(load, key=load.get)
                 name = waiting_shards.pop(0)
-                embed_refs[actors[actor].embed_shard.remote(str(self.out_dir), name)] = (actor, name)
+                embed_refs[actors[actor].embed_shard.remote(str(self.out_dir), name)] = (actor, actors[actor], name)
                 load[actor] += 1
             ready, _ = ray.wait([*token_refs, *embed_refs], num_returns=1)
             for ref in ready:
                 if ref in token_refs:
                     unit = token_refs.pop(ref)
-                    report = self._collect(ref, f"unit {unit.index} ({unit.describe()})")
-                    if report:
+                    report = self._collect(ref, f"unit {unit.index} ({unit.describe()})", ("tokens", unit.index))
+                    if report is _RETRY:
+                        queue.insert(0, unit)
+                    elif report:
                         self._stage("tokens")["shards"][report["name"]] = report
                         fault_point("driver.after_record")
                         if actors:
                             waiting_shards.append(report["name"])
                         self._report("tokens", skipped["tokens"])
                 else:
-                    actor, name = embed_refs.pop(ref)
+                    actor, handle, name = embed_refs.pop(ref)
                     load[actor] -= 1
-                    report = self._collect(ref, f"embedding of tokens/{name}")
-                    if report:
+                    report = self._collect(ref, f"embedding of tokens/{name}", ("embeddings", name))
+                    if report is _RETRY:
+                        waiting_shards.insert(0, name)
+                        if actors[actor] is handle:  # not yet replaced after an earlier failure of its tasks
+                            actors[actor] = self._replace_encoder(handle)
+                    elif report:
                         self._stage("embeddings")["shards"][name] = report
                         fault_point("driver.after_record")
                         self._report("embeddings", skipped.get("embeddings", 0))
@@ -287,9 +302,7 @@ class _Job:
         """Start the encoder actors and load their models (errors in the model surface here, as ConfigError)."""
         import ray
 
-        _, n_actors, resources, _ = self.encoders
-        actor_class = ray.remote(max_restarts=2, max_task_retries=2, **resources)(ShardEncoder)
-        actors = [actor_class.remote(self.embed_spec) for _ in range(n_actors)]
+        actors = [self._new_encoder() for _ in range(self.encoders[1])]
         try:
             self.hidden_size = ray.get([a.hidden_size.remote() for a in actors])[0]
         except ray.exceptions.RayTaskError as exc:
@@ -298,15 +311,42 @@ class _Job:
             raise
         return actors
 
-    def _collect(self, ref: Any, what: str) -> dict[str, Any] | None:
+    def _collect(self, ref: Any, what: str, key: tuple[str, Any]) -> dict[str, Any] | object | None:
+        """The task's report; ``_RETRY`` after a system failure (a process or node lost) with attempts left;
+        None after a failure that is recorded for the end of the job (bad data, or attempts used up)."""
         import ray
 
         try:
             return ray.get(ref)
-        except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as exc:
-            cause = getattr(exc, "cause", None) or exc
+        except ray.exceptions.RayTaskError as exc:  # the task itself raised: not retried blindly
+            cause = exc.cause or exc
             self.failures.append(f"{what}: {type(cause).__name__}: {cause}")
-            return None
+        except ray.exceptions.RayError as exc:  # the process or node running it was lost
+            self.attempts[key] = self.attempts.get(key, 0) + 1
+            if self.attempts[key] <= _DRIVER_RETRIES:
+                log.warning("%s: %s; trying again (%d of %d)", what, type(exc).__name__,
+                            self.attempts[key], _DRIVER_RETRIES)
+                return _RETRY
+            self.failures.append(f"{what}: {type(exc).__name__} after {_DRIVER_RETRIES} retries: {exc}")
+        return None
+
+    def _new_encoder(self) -> Any:
+        import ray
+
+        resources = self.encoders[2]
+        return ray.remote(max_restarts=2, max_task_retries=2, **resources)(ShardEncoder).remote(self.embed_spec)
+
+    def _replace_encoder(self, actor: Any) -> Any:
+        """A new encoder actor in place of one whose tasks failed for a system reason (Ray gave up on it:
+        its restarts used up, or its node gone); the new one is scheduled on a live node."""
+        import ray
+
+        log.warning("replacing an encoder actor that Ray could not recover")
+        try:
+            ray.kill(actor, no_restart=True)
+        except ray.exceptions.RayError:
+            pass
+        return self._new_encoder()
 
     # ------------------------------------------------------------ the end
 
