@@ -1,0 +1,95 @@
+"""``embedpipe inspect`` and ``embedpipe plot``: a look inside an output, and a picture of its embeddings.
+
+Registered into the ``embedpipe`` group by jobs/cli.py. The libraries (pipeline.inspect, pipeline.plot,
+and through them torch and matplotlib) are imported only when a command runs, so ``embedpipe --help``
+stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import click
+
+from pipeline.errors import ConfigError, InputError
+
+
+@contextmanager
+def _exit_codes() -> Iterator[None]:
+    # Same mapping as jobs.cli (ConfigError -> 2); not imported from there, which imports this module.
+    try:
+        yield
+    except ConfigError as exc:
+        click.echo(f"embedpipe: error: {exc}", err=True)
+        sys.exit(2)
+    except InputError as exc:
+        click.echo(f"embedpipe: error: {exc}", err=True)
+        sys.exit(1)
+
+
+def _terminal_width() -> int:
+    """The terminal's width, kept to 80-120 columns (the token tables read worst outside that)."""
+    return max(80, min(120, shutil.get_terminal_size((100, 24)).columns))
+
+
+@click.command()
+@click.argument("path", type=click.Path())
+@click.option("--rows", "-n", default=3, show_default=True, type=click.IntRange(min=0),
+              help="How many of the first rows to show, decoded.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def inspect(path: str, rows: int, as_json: bool) -> None:
+    """Look inside an output directory, a stage directory or one shard.
+
+    Shows each shard's rows, bytes and whether the manifest lists it as committed, the schema (with field
+    metadata such as embedpipe.dtype), and the first rows: text decoded with the job's tokenizer beside
+    the token ids and attention mask; for embeddings the shape, dtype, norms and first values.
+
+    \b
+    Examples: embedpipe inspect out/default
+              embedpipe inspect out/default/tokens/data-00000-of-00004.arrow --rows 2
+              embedpipe inspect out/default/embeddings --json
+    """
+    from pipeline.inspect import format_report, inspect_path
+
+    with _exit_codes():
+        report = inspect_path(path, rows=rows)
+    if as_json:
+        click.echo(json.dumps(report, ensure_ascii=False, indent=1))
+    else:
+        click.echo(format_report(report, width=_terminal_width()))
+
+
+@click.command()
+@click.argument("out_dir", metavar="OUT", type=click.Path())
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
+              help="Image to write (PNG; the suffix picks the format, e.g. .svg or .pdf).")
+@click.option("--sample", default=2000, show_default=True, type=click.IntRange(min=2),
+              help="Rows drawn at random (seeded) from all embedding shards.")
+@click.option("--color-by", "color_by", metavar="COLUMN",
+              help="Colour points by a column of the token or embedding shards (e.g. length), or by 'source': "
+                   "the input file of the row id.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the sample: same seed, same picture.")
+@click.option("--labels", default=40, show_default=True, type=click.IntRange(min=0),
+              help="At most this many points, spread out, labelled with their decoded text.")
+def plot(out_dir: str, out_path: str, sample: int, color_by: str | None, seed: int, labels: int) -> None:
+    """Draw a 2-D PCA picture of a sample of OUT's embeddings.
+
+    Per-token embeddings are mean-pooled over the real tokens. Axes show the variance each component
+    explains; labels are the first characters of the row's text, decoded from its tokens.
+
+    \b
+    Example: embedpipe plot out/default --out pca.png --color-by source --sample 3000
+    """
+    from pipeline.plot import plot_embeddings
+
+    with _exit_codes():
+        result = plot_embeddings(out_dir, out_path, sample=sample, seed=seed, color_by=color_by, labels=labels)
+    for note in result.notes:
+        click.echo(f"embedpipe: note: {note}", err=True)
+    pc1, pc2 = result.explained
+    click.echo(f"plot: {len(result.rows):,} of {result.total:,} embeddings of {out_dir} -> {result.path} "
+               f"(PC1 {pc1:.1%}, PC2 {pc2:.1%} of the variance; {len(result.labels)} labelled)")
