@@ -5,14 +5,19 @@ Exit status: 0 done; 1 the job failed; 2 bad usage or config; 3 the output is lo
 
 from __future__ import annotations
 
+import logging
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import click
 
+from jobs.display import Progress, setup_logging
 from pipeline.errors import ConfigError, InputError, JobFailed, LockHeld
+
+log = logging.getLogger("embedpipe")
 
 EXIT_CODES = {JobFailed: 1, InputError: 1, ConfigError: 2, LockHeld: 3}
 
@@ -41,41 +46,22 @@ def _job_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                      help="Override a config key, e.g. --set tokenizer.max_length=77 (YAML scalar syntax)."),
         click.option("--output", "-o", type=click.Path(file_okay=False), envvar="EMBEDPIPE_OUTPUT",
-                     help="Output directory (overrides output.path)."),
+                     help="Output directory (overrides output.path). Env: EMBEDPIPE_OUTPUT."),
+        click.option("--address", envvar="RAY_ADDRESS",
+                     help="Ray cluster to run on, e.g. ray://head:10001 or auto (overrides ray.address). "
+                          "Env: RAY_ADDRESS. Unset: start a local cluster."),
         click.option("--force", is_flag=True, help="Start over when OUT holds a different job's output."),
-        click.option("--progress/--no-progress", default=None,
-                     help="Live progress bar (default: on when stderr is a terminal)."),
+        click.option("--progress/--no-progress", default=None, envvar="EMBEDPIPE_PROGRESS",
+                     help="Live progress bars (default: on when stderr is a terminal; else plain log lines)."),
+        click.option("--log-format", type=click.Choice(["human", "json"]), default="human",
+                     envvar="EMBEDPIPE_LOG_FORMAT", show_default=True,
+                     help="Log lines on stderr: for people, or one JSON object per line. Env: EMBEDPIPE_LOG_FORMAT."),
+        click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+                     envvar="EMBEDPIPE_LOG_LEVEL", show_default=True, help="Env: EMBEDPIPE_LOG_LEVEL."),
     ]
     for option in reversed(options):
         func = option(func)
     return func
-
-
-class _ProgressBars:
-    """One tqdm bar per stage over shards, with rows/s and tokens/s, drawn on stderr."""
-
-    def __init__(self, enabled: bool | None) -> None:
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
-        self.bars: dict[str, Any] = {}
-
-    def __call__(self, event: Any) -> None:
-        if not self.enabled:
-            return
-        bar = self.bars.get(event.stage)
-        if bar is None:
-            from tqdm import tqdm
-
-            bar = self.bars[event.stage] = tqdm(
-                total=event.shards_total, initial=event.skipped, unit="shard", desc=f"{event.stage:>8}",
-                file=sys.stderr, dynamic_ncols=True, position=len(self.bars),
-            )
-        bar.n = event.shards_done
-        seconds = max(event.elapsed, 1e-9)
-        bar.set_postfix_str(f"{event.rows / seconds:,.0f} rows/s, {event.tokens / seconds:,.0f} tokens/s")
-
-    def close(self) -> None:
-        for bar in self.bars.values():
-            bar.close()
 
 
 def _summary(result: Any) -> str:
@@ -94,24 +80,56 @@ def _summary(result: Any) -> str:
     return line + f"; {result.seconds:.1f} s, {totals.get('rows', 0) / seconds:,.0f} rows/s"
 
 
-def _run_stages(stages: tuple[str, ...], config: str, overrides: tuple[str, ...], output: str | None, force: bool,
-                progress: bool | None) -> None:
+def _run_stages(stages: tuple[str, ...], config: str, overrides: tuple[str, ...], output: str | None,
+                address: str | None, force: bool, progress: bool | None, log_format: str, log_level: str) -> None:
     from pipeline.config import load_config
+    from pipeline.manifest import now
     from pipeline.run import run_job
 
+    setup_logging(log_format, log_level)
+    started, since = time.monotonic(), now()
     with _errors_to_exit_codes():
+        if address:
+            overrides = (*overrides, f"ray.address={address}")
         job = load_config(config, list(overrides), output)
-        bars = _ProgressBars(progress)
-        try:
-            results = run_job(job, stages=stages, force=force, progress=bars)
-        finally:
-            bars.close()
+    display = Progress(progress)
+    command = " ".join(["embedpipe", *sys.argv[1:]])
+    try:
+        results = run_job(job, stages=stages, force=force, progress=display)
+    except (JobFailed, InputError, OSError) as exc:
+        display.close()
+        _write_report(job.output.path, command, 1, str(exc), started, since)
+        with _errors_to_exit_codes():
+            raise
+    except (ConfigError, LockHeld) as exc:  # nothing ran (and a locked OUT is another job's to write)
+        display.close()
+        _fail(exc)
+    display.close()
     for stage in stages:
         click.echo(_summary(results[stage]))
         nonfinite = results[stage].totals.get("nonfinite_rows", 0)
         if nonfinite:
-            click.echo(f"embedpipe: warning: {nonfinite} embedding rows hold NaN or Inf; "
-                       "their ids are in manifest.json (stages.embeddings.shards.*.nonfinite_ids)", err=True)
+            log.warning("%d embedding rows hold NaN or Inf; their ids are in manifest.json "
+                        "(stages.embeddings.shards.*.nonfinite_ids)", nonfinite)
+    _write_report(job.output.path, command, 0, None, started, since)
+
+
+def _write_report(out_dir: str, command: str, exit_status: int, error: str | None, started: float,
+                  since: str) -> None:
+    from pathlib import Path
+
+    from pipeline.report import build_run_report, summary_line, write_run_report
+
+    if not (Path(out_dir) / "manifest.json").exists():
+        return  # the job stopped before it wrote anything
+    report = build_run_report(Path(out_dir), command, exit_status, error, time.monotonic() - started, since)
+    try:
+        path = write_run_report(Path(out_dir), report)
+    except OSError as exc:  # a full disk must not hide the job's own outcome
+        log.error("could not write the run report: %s", exc)
+        return
+    log.info("%s; report: %s", summary_line(report), path,
+             extra={"fields": {"event": "run_report", "report": str(path), **report}})
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -122,32 +140,35 @@ def main() -> None:
 
 @main.command()
 @_job_options
-def tokenize(config: str, overrides: tuple[str, ...], output: str | None, force: bool, progress: bool | None) -> None:
+def tokenize(config: str, overrides: tuple[str, ...], output: str | None, address: str | None, force: bool,
+             progress: bool | None, log_format: str, log_level: str) -> None:
     """Run the tokenize stage: corpus -> OUT/tokens.
 
     Example: embedpipe tokenize conf/default.yaml --set tokenizer.max_length=128 -o out/demo
     """
-    _run_stages(("tokens",), config, overrides, output, force, progress)
+    _run_stages(("tokens",), config, overrides, output, address, force, progress, log_format, log_level)
 
 
 @main.command()
 @_job_options
-def embed(config: str, overrides: tuple[str, ...], output: str | None, force: bool, progress: bool | None) -> None:
+def embed(config: str, overrides: tuple[str, ...], output: str | None, address: str | None, force: bool,
+          progress: bool | None, log_format: str, log_level: str) -> None:
     """Run the embed stage on an existing, complete OUT/tokens: -> OUT/embeddings.
 
     Example: embedpipe embed conf/default.yaml -o out/default
     """
-    _run_stages(("embeddings",), config, overrides, output, force, progress)
+    _run_stages(("embeddings",), config, overrides, output, address, force, progress, log_format, log_level)
 
 
 @main.command()
 @_job_options
-def run(config: str, overrides: tuple[str, ...], output: str | None, force: bool, progress: bool | None) -> None:
+def run(config: str, overrides: tuple[str, ...], output: str | None, address: str | None, force: bool,
+        progress: bool | None, log_format: str, log_level: str) -> None:
     """Run both stages, overlapping: each token shard is embedded as soon as it is committed.
 
     Example: embedpipe run conf/default.yaml -o out/default
     """
-    _run_stages(("tokens", "embeddings"), config, overrides, output, force, progress)
+    _run_stages(("tokens", "embeddings"), config, overrides, output, address, force, progress, log_format, log_level)
 
 
 def _existing_output(out: str) -> Any:
@@ -202,6 +223,12 @@ def verify(out: str, as_json: bool) -> None:
             click.echo(f"problem: {problem}")
         click.echo(f"{out}: OK" if result.ok else f"{out}: {len(result.problems)} problems")
     sys.exit(0 if result.ok else 1)
+
+
+from jobs.ops_commands import inspect, plot  # noqa: E402  (registered after the group exists)
+
+main.add_command(inspect)
+main.add_command(plot)
 
 
 if __name__ == "__main__":

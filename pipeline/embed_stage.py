@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.faults import fault_point
+from pipeline.report import peak_rss_mb
 from pipeline.shards import file_sha256, read_shard, write_shard
 
 # How many ids of non-finite rows a shard report names (the count is always exact).
@@ -135,6 +136,7 @@ class ShardEncoder:
             "nonfinite_rows": int(np.count_nonzero(bad)),
             "nonfinite_ids": [tokens.column("id")[int(i)].as_py() for i in np.flatnonzero(bad)[:_NONFINITE_IDS_KEPT]],
             "mean_norm": _mean_norm(embeddings, bad, self.spec.options.output_dtype),
+            "peak_rss_mb": peak_rss_mb(),
         }
 
 

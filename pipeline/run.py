@@ -24,10 +24,11 @@ from pipeline.embed_stage import EmbedSpec, ShardEncoder, embedding_schema, plan
 from pipeline.errors import ConfigError, JobFailed
 from pipeline.faults import fault_point
 from pipeline.lock import OutputLock
-from pipeline.manifest import add_counts, new_manifest, save_manifest
+from pipeline.manifest import add_counts, new_manifest, now, save_manifest
 from pipeline.models import load_tokenize_spec
 from pipeline.outdir import committed_ok, prepare_output
 from pipeline.plan import WorkUnit, plan_units
+from pipeline.report import peak_rss_mb
 from pipeline.shards import clean_staging, write_dataset_metadata
 from pipeline.sources import TextRules, check_columns, discover
 from pipeline.tokenize import TokenizeSpec, token_schema
@@ -116,7 +117,17 @@ def _tokenize_task(unit: WorkUnit, total: int, read: ReadSpec, spec: TokenizeSpe
     os.environ.update(WORKER_ENV)
     report = run_unit(unit, total, read, spec, out_dir)
     report["node"] = ray.get_runtime_context().get_node_id()  # where it ran, for the run report
+    report["peak_rss_mb"] = peak_rss_mb()
     return report
+
+
+def _cluster_info() -> dict[str, Any]:
+    import ray
+
+    resources = ray.cluster_resources()
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    return {"address": ray.get_runtime_context().gcs_address, "nodes": len(nodes),
+            "cpus": resources.get("CPU", 0), "gpus": resources.get("GPU", 0)}
 
 
 def run_job(config: JobConfig, *, stages: tuple[str, ...] = STAGES, force: bool = False,
@@ -137,6 +148,9 @@ def run_job(config: JobConfig, *, stages: tuple[str, ...] = STAGES, force: bool 
                 log.warning("took over the lock of %s left by a job that is gone: %s",
                             config.output.path, lock.previous.describe())
             units = plan_units(files, config.output.shard_rows)
+            log.info("plan: %d input files -> %d work units (one shard each) into %s", len(files), len(units),
+                     config.output.path, extra={"fields": {"event": "plan", "files": len(files), "units": len(units),
+                                                           "out_dir": config.output.path}})
             with ray_session(config):
                 spec = spec_future.result()
                 return _Job(config, spec, files, units, force, progress, started).run(stages)
@@ -176,6 +190,8 @@ class _Job:
         self.last_save = 0.0
         self.failures: list[str] = []
         self.attempts: dict[tuple[str, Any], int] = {}
+        self.stage_seconds: dict[str, float] = {}
+        self.peak_rss = peak_rss_mb()
         self.embed_spec: EmbedSpec | None = None
         self.encoders: tuple[str, int, dict[str, float], int | None] | None = None
         self.hidden_size = 0
@@ -189,6 +205,15 @@ class _Job:
         if force or time.monotonic() - self.last_save > _MANIFEST_INTERVAL:
             save_manifest(self.out_dir, self.manifest)
             self.last_save = time.monotonic()
+
+    def _record(self, stage: str, name: str, report: dict[str, Any], skipped: int) -> None:
+        """Note a committed shard in the manifest (in memory; saved at most every _MANIFEST_INTERVAL)."""
+        self._stage(stage)["shards"][name] = report
+        self.stage_seconds[stage] = time.monotonic() - self.started
+        self.peak_rss = max(self.peak_rss, report.get("peak_rss_mb", 0))
+        fault_point("driver.after_record")
+        log.debug("%s/%s committed: %d rows", stage, name, report["rows"])
+        self._report(stage, skipped)
 
     def _report(self, stage: str, skipped: int) -> None:
         if self.progress:
@@ -226,6 +251,8 @@ class _Job:
         embed_todo = [n for n in names if n not in self._stage("embeddings")["shards"]] if "embeddings" in stages else []
 
         finished = all(self._stage(s).get("status") == "complete" for s in stages)
+        log.info("resume: %s", ", ".join(f"{s}: {skipped[s]} of {len(self.units)} shards already committed"
+                                         for s in stages), extra={"fields": {"event": "resume", "skipped": skipped}})
         if finished and not unit_todo and not embed_todo:
             return {s: self._result(s, skipped[s], nothing_to_do=True) for s in stages}
         if "embeddings" in stages:
@@ -235,6 +262,8 @@ class _Job:
         for stage in stages:
             self._stage(stage)["status"] = "running"
         self.manifest["status"] = "running"
+        self.manifest["last_run"] = {"started_at": now(), "stages": list(stages), "cluster": _cluster_info(),
+                                     "status": "running"}
         self._save(force=True)
         try:
             self._execute(unit_todo, embed_todo, stages, skipped)
@@ -279,11 +308,9 @@ class _Job:
                     if report is _RETRY:
                         queue.insert(0, unit)
                     elif report:
-                        self._stage("tokens")["shards"][report["name"]] = report
-                        fault_point("driver.after_record")
+                        self._record("tokens", report["name"], report, skipped["tokens"])
                         if actors:
                             waiting_shards.append(report["name"])
-                        self._report("tokens", skipped["tokens"])
                 else:
                     actor, handle, name = embed_refs.pop(ref)
                     load[actor] -= 1
@@ -293,9 +320,7 @@ class _Job:
                         if actors[actor] is handle:  # not yet replaced after an earlier failure of its tasks
                             actors[actor] = self._replace_encoder(handle)
                     elif report:
-                        self._stage("embeddings")["shards"][name] = report
-                        fault_point("driver.after_record")
-                        self._report("embeddings", skipped.get("embeddings", 0))
+                        self._record("embeddings", name, report, skipped.get("embeddings", 0))
             self._save()
 
     def _start_encoders(self) -> list[Any]:
@@ -350,7 +375,18 @@ class _Job:
 
     # ------------------------------------------------------------ the end
 
+    def _close_run(self, status: str) -> None:
+        """Finish the manifest's record of this run: wall time per stage, peak memory, outcome."""
+        run = self.manifest.get("last_run")
+        if run is None:
+            return
+        elapsed = time.monotonic() - self.started
+        run.update(finished_at=now(), status=status, seconds=round(elapsed, 3),
+                   stage_seconds={s: round(self.stage_seconds.get(s, elapsed), 3) for s in run["stages"]},
+                   peak_rss_mb=round(max(self.peak_rss, peak_rss_mb()), 1))
+
     def _fail(self, message: str) -> JobFailed:
+        self._close_run("failed")
         for stage in self.manifest["stages"].values():
             if stage.get("status") == "running":
                 stage["status"] = "failed"
@@ -382,10 +418,12 @@ class _Job:
             self._stage("embeddings")["status"] = "complete"
         if all(self._stage(s).get("status") == "complete" for s in STAGES if s in self.manifest["stages"]):
             self.manifest["status"] = "complete"
+        self._close_run("complete")
         self._save(force=True)
         return {s: self._result(s, skipped[s], nothing_to_do=False) for s in stages}
 
     def _result(self, stage: str, skipped: int, nothing_to_do: bool) -> StageResult:
         record = self._stage(stage)
-        return StageResult(stage, self.out_dir, len(self.units), skipped, record.get("totals", {}),
-                           time.monotonic() - self.started, nothing_to_do)
+        seconds = self.stage_seconds.get(stage, time.monotonic() - self.started)
+        return StageResult(stage, self.out_dir, len(self.units), skipped, record.get("totals", {}), seconds,
+                           nothing_to_do)
