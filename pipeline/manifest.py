@@ -47,7 +47,8 @@ def input_fingerprint(files: list[InputFile]) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
-def new_manifest(config: JobConfig, files: list[InputFile], units: list[WorkUnit], tokenizer_sha256: str) -> dict[str, Any]:
+def new_manifest(config: JobConfig, files: list[InputFile], units: list[WorkUnit], tokenizer_sha256: str,
+                 names: list[str]) -> dict[str, Any]:
     """A fresh manifest for a job that has not committed anything yet."""
     return {
         "format_version": FORMAT_VERSION,
@@ -59,7 +60,7 @@ def new_manifest(config: JobConfig, files: list[InputFile], units: list[WorkUnit
         "config_hash": config.output_hash(),
         "tokenizer_sha256": tokenizer_sha256,
         "input": {"fingerprint": input_fingerprint(files), "files": [f.fingerprint() for f in files]},
-        "plan": {"units": [u.to_json() for u in units], "shards": len(units)},
+        "plan": {"units": [u.to_json() for u in units], "shards": len(units), "names": names},
         "stages": {},
         "counts": {"rows_in": 0, "rows_out": 0, "quarantined": 0},
     }
@@ -82,13 +83,21 @@ def save_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
     commit_bytes(json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8"), Path(out_dir) / MANIFEST_NAME)
 
 
-def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """What makes an existing manifest's job a different job from ``new`` (empty: the same job)."""
+def differences(old: dict[str, Any], new: dict[str, Any], increment: bool = False) -> list[str]:
+    """What makes an existing manifest's job a different job from ``new`` (empty: the same job).
+
+    With ``increment`` (``new`` adds units for new input files), the old plan need only be a prefix of the new.
+    """
     found = []
     if old.get("config_hash") != new["config_hash"]:
         found += [f"config {key}" for key in _changed_keys(old.get("config", {}), new["config"])] or ["config"]
     if old.get("tokenizer_sha256") != new["tokenizer_sha256"]:
         found.append("tokenizer files")
+    if increment:
+        old_units = old.get("plan", {}).get("units", [])
+        if new["plan"]["units"][: len(old_units)] != old_units:
+            found.append("plan")
+        return found
     if old.get("input", {}).get("fingerprint") != new["input"]["fingerprint"]:
         found.append("input files (names, sizes or modification times)")
     if old.get("plan", {}).get("units") != new["plan"]["units"]:

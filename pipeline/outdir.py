@@ -13,21 +13,28 @@ from pipeline.shards import file_sha256
 _JOB_ENTRIES = ("tokens", "embeddings", "quarantine", "manifest.json")
 
 
-def prepare_output(out_dir: Path, fresh: dict[str, Any], force: bool) -> dict[str, Any]:
+def prepare_output(out_dir: Path, fresh: dict[str, Any], force: bool,
+                   increment: dict[str, Any] | None = None) -> dict[str, Any]:
     """The manifest to continue with: the existing one if it is the same job, else ``fresh``.
+
+    With ``increment`` (new input files since the last run), the existing manifest takes the
+    extended plan and input and records the increment.
 
     Raises:
         ConfigError: ``out_dir`` holds a different job's output and ``force`` is off (it names what differs).
     """
     old = load_manifest(out_dir)
     if old is not None and not force:
-        changed = differences(old, fresh)
+        changed = differences(old, fresh, increment=increment is not None)
         if changed:
             raise ConfigError(
                 f"{out_dir} holds the output of a different job ({'; '.join(changed)}); "
                 "use another output directory, or --force to start over"
             )
         old["config"] = fresh["config"]
+        if increment is not None:
+            old["plan"], old["input"] = fresh["plan"], fresh["input"]
+            old.setdefault("increments", []).append(increment)
         return old
     if force:
         for entry in _JOB_ENTRIES:

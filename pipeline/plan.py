@@ -83,16 +83,17 @@ def _row_ranges(counts: list[int], shard_rows: int) -> Iterator[tuple[int, int]]
         yield start, min(shard_rows, total - start)
 
 
-def plan_units(files: list[InputFile], shard_rows: int, max_unit_bytes: int = DEFAULT_MAX_UNIT_BYTES) -> list[WorkUnit]:
-    """Split the files into work units (see the module docstring)."""
+def plan_units(files: list[InputFile], shard_rows: int, max_unit_bytes: int = DEFAULT_MAX_UNIT_BYTES,
+               first_index: int = 0) -> list[WorkUnit]:
+    """Split the files into work units numbered from ``first_index`` (see the module docstring)."""
     units: list[WorkUnit] = []
     for file in files:
         if file.format in LINE_FORMATS:
             for first, count, start, stop in _line_ranges(file, shard_rows, max_unit_bytes):
-                units.append(WorkUnit(len(units), file, first, count, start, stop))
+                units.append(WorkUnit(first_index + len(units), file, first, count, start, stop))
         else:
             for first, count in _row_ranges(columnar_row_counts(file), shard_rows):
-                units.append(WorkUnit(len(units), file, first, count))
+                units.append(WorkUnit(first_index + len(units), file, first, count))
     return units
 
 

@@ -24,10 +24,11 @@ from pipeline.embed_stage import EmbedSpec, ShardEncoder, embedding_schema, plan
 from pipeline.errors import ConfigError, JobFailed
 from pipeline.faults import fault_point
 from pipeline.lock import OutputLock
-from pipeline.manifest import add_counts, new_manifest, now, save_manifest
+from pipeline.increments import JobPlan, plan_job
+from pipeline.manifest import add_counts, load_manifest, new_manifest, now, save_manifest
 from pipeline.models import load_tokenize_spec
 from pipeline.outdir import committed_ok, prepare_output
-from pipeline.plan import WorkUnit, plan_units
+from pipeline.plan import WorkUnit
 from pipeline.report import peak_rss_mb
 from pipeline.shards import clean_staging, write_dataset_metadata
 from pipeline.sources import TextRules, check_columns, discover
@@ -111,11 +112,11 @@ def _load_spec_and_warm_up(config: JobConfig) -> TokenizeSpec:
     return spec
 
 
-def _tokenize_task(unit: WorkUnit, total: int, read: ReadSpec, spec: TokenizeSpec, out_dir: str) -> dict[str, Any]:
+def _tokenize_task(unit: WorkUnit, name: str, read: ReadSpec, spec: TokenizeSpec, out_dir: str) -> dict[str, Any]:
     import ray
 
     os.environ.update(WORKER_ENV)
-    report = run_unit(unit, total, read, spec, out_dir)
+    report = run_unit(unit, name, read, spec, out_dir)
     report["node"] = ray.get_runtime_context().get_node_id()  # where it ran, for the run report
     report["peak_rss_mb"] = peak_rss_mb()
     return report
@@ -147,13 +148,18 @@ def run_job(config: JobConfig, *, stages: tuple[str, ...] = STAGES, force: bool 
             if lock.previous:
                 log.warning("took over the lock of %s left by a job that is gone: %s",
                             config.output.path, lock.previous.describe())
-            units = plan_units(files, config.output.shard_rows)
-            log.info("plan: %d input files -> %d work units (one shard each) into %s", len(files), len(units),
-                     config.output.path, extra={"fields": {"event": "plan", "files": len(files), "units": len(units),
-                                                           "out_dir": config.output.path}})
+            old = None if force else load_manifest(config.output.path)
+            plan = plan_job(files, config.output.shard_rows, old)
+            log.info("plan: %d input files -> %d work units (one shard each) into %s", len(files), len(plan.units),
+                     config.output.path, extra={"fields": {"event": "plan", "files": len(files),
+                                                           "units": len(plan.units), "out_dir": config.output.path}})
+            if plan.increment:
+                log.info("incremental: %d new input files -> %d new units after the %d already planned",
+                         len(plan.increment["files"]), plan.increment["units"], plan.increment["first_unit"],
+                         extra={"fields": {"event": "increment", **plan.increment}})
             with ray_session(config):
                 spec = spec_future.result()
-                return _Job(config, spec, files, units, force, progress, started).run(stages)
+                return _Job(config, spec, files, plan, force, progress, started).run(stages)
 
 
 def run_tokenize(config: JobConfig, *, force: bool = False, progress: ProgressCallback | None = None) -> StageResult:
@@ -180,13 +186,15 @@ def _encoder_resources(config: JobConfig) -> tuple[str, int, dict[str, float], i
 class _Job:
     """One run of the driver over an output directory."""
 
-    def __init__(self, config: JobConfig, spec: TokenizeSpec, files: list[Any], units: list[WorkUnit],
+    def __init__(self, config: JobConfig, spec: TokenizeSpec, files: list[Any], plan: JobPlan,
                  force: bool, progress: ProgressCallback | None, started: float) -> None:
-        self.config, self.spec, self.units = config, spec, units
+        self.config, self.spec, self.units = config, spec, plan.units
+        self.names = dict(zip((u.index for u in plan.units), plan.names))
         self.progress, self.started = progress, started
         self.out_dir = Path(config.output.path)
         tokenizer_sha = hashlib.sha256(spec.tokenizer_json.encode()).hexdigest()
-        self.manifest = prepare_output(self.out_dir, new_manifest(config, files, units, tokenizer_sha), force)
+        fresh = new_manifest(config, files, plan.units, tokenizer_sha, plan.names)
+        self.manifest = prepare_output(self.out_dir, fresh, force, plan.increment)
         self.last_save = 0.0
         self.failures: list[str] = []
         self.attempts: dict[tuple[str, Any], int] = {}
@@ -288,7 +296,7 @@ class _Job:
         def submit_tokenize() -> None:
             while queue and len(token_refs) < max_in_flight:
                 unit = queue.pop(0)
-                token_refs[task.remote(unit, len(self.units), read, spec_ref, str(self.out_dir))] = unit
+                token_refs[task.remote(unit, self.names[unit.index], read, spec_ref, str(self.out_dir))] = unit
 
         submit_tokenize()  # tokenizing starts while the encoders load their models
         actors = self._start_encoders() if "embeddings" in stages else []

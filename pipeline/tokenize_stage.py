@@ -16,7 +16,7 @@ import numpy as np
 
 from pipeline.faults import fault_point
 from pipeline.plan import WorkUnit
-from pipeline.shards import shard_name, write_jsonl, write_shard
+from pipeline.shards import write_jsonl, write_shard
 from pipeline.sources import LINE_FORMATS, BadRow, RowBatch, TextRules, read_columnar_rows, read_line_rows
 from pipeline.tokenize import TokenizeSpec, TokenRows, length_histogram, to_table, tokenize_texts
 
@@ -56,9 +56,8 @@ def tokenize_unit(unit: WorkUnit, read: ReadSpec, spec: TokenizeSpec) -> tuple[A
     return to_table(spec, rows), rows, bad
 
 
-def run_unit(unit: WorkUnit, total_units: int, read: ReadSpec, spec: TokenizeSpec, out_dir: str) -> dict[str, Any]:
-    """Tokenize one unit and commit its shard (and quarantine file); return the shard's report."""
-    name = shard_name(unit.index, total_units)
+def run_unit(unit: WorkUnit, name: str, read: ReadSpec, spec: TokenizeSpec, out_dir: str) -> dict[str, Any]:
+    """Tokenize one unit and commit its shard ``tokens/<name>`` (and quarantine file); return the shard's report."""
     table, rows, bad = tokenize_unit(unit, read, spec)
     fault_point("tokenize.before_commit")
     committed = write_shard(table, Path(out_dir) / "tokens" / name)

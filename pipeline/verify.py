@@ -22,7 +22,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.manifest import load_manifest
-from pipeline.shards import STAGING_DIR, file_sha256, read_shard, shard_name
+from pipeline.increments import plan_names
+from pipeline.shards import STAGING_DIR, file_sha256, read_shard
 
 STAGES = ("tokens", "embeddings")
 
@@ -47,8 +48,7 @@ class VerifyResult:
 
 def planned_shards(manifest: dict[str, Any]) -> list[str]:
     """The shard names the manifest's plan calls for, in unit order."""
-    total = manifest["plan"]["shards"]
-    return [shard_name(unit["index"], total) for unit in manifest["plan"]["units"]]
+    return plan_names(manifest["plan"])
 
 
 def verify_output(out_dir: Path) -> VerifyResult:
