@@ -171,6 +171,31 @@ def run(config: str, overrides: tuple[str, ...], output: str | None, address: st
     _run_stages(("tokens", "embeddings"), config, overrides, output, address, force, progress, log_format, log_level)
 
 
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key.")
+@click.option("--output", "-o", type=click.Path(file_okay=False), envvar="EMBEDPIPE_OUTPUT",
+              help="Output directory (overrides output.path). Env: EMBEDPIPE_OUTPUT.")
+@click.option("--stages", type=click.Choice(["run", "tokenize", "embed"]), default="run", show_default=True,
+              help="Which command's work to plan.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as one JSON object.")
+def plan(config: str, overrides: tuple[str, ...], output: str | None, stages: str, as_json: bool) -> None:
+    """Dry run: the units and shards a run would write, rows and tokens estimated from a sample,
+    the stages, and what a run now would skip. Writes nothing and starts no Ray cluster.
+
+    Example: embedpipe plan conf/default.yaml -o out/default
+    """
+    import json
+
+    from pipeline.config import load_config
+    from pipeline.preview import check_stages, format_preview, preview_job
+
+    with _errors_to_exit_codes():
+        job = load_config(config, list(overrides), output)
+        preview = preview_job(job, check_stages(stages))
+    click.echo(json.dumps(preview.to_json(), indent=1) if as_json else format_preview(preview))
+
+
 def _existing_output(out: str) -> Any:
     from pathlib import Path
 
