@@ -83,8 +83,12 @@ class Progress:
                 total=event.shards_total, initial=event.skipped, unit="shard", desc=f"{event.stage:>8}",
                 file=sys.stderr, dynamic_ncols=True, position=len(self.bars),
             )
+        if bar.disable:  # closed: the stage is done
+            return
         bar.update(event.shards_done - bar.n)
         bar.set_postfix_str(rates)
+        if event.shards_done >= event.shards_total:
+            bar.close()  # freezes its elapsed time; the line stays on screen
 
     def close(self) -> None:
         for bar in self.bars.values():
