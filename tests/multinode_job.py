@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
 import sys
+import tempfile
 
 import ray
 from ray.cluster_utils import Cluster
@@ -29,6 +31,14 @@ class _RetryCounter(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.count += "trying again" in record.getMessage()
+
+
+def config_path(settings: dict, out: str) -> str:
+    """The settings as a YAML job file (JSON is YAML) for the CLI."""
+    handle = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)
+    json.dump({**settings, "output": {**settings["output"], "path": out}}, handle)
+    handle.close()
+    return handle.name
 
 
 def _nodes_used(out: str) -> list[str]:
@@ -65,7 +75,13 @@ def _run_twice(cluster: Cluster, workers: list, settings: dict, out_ref: str, ou
 
     run_job(validate_config({**settings, "output": {**settings["output"], "path": out_disturbed}}),
             progress=remove_a_node)
-    report = {"driver_retries": retries.count, "removed": removed, "ref_nodes": _nodes_used(out_ref), "disturbed_nodes": _nodes_used(out_disturbed),
+    # The CLI as a separate driver process joining this cluster with --address.
+    out_cli = out_disturbed + "-cli"
+    cli = subprocess.run([sys.executable, "-m", "jobs.cli", "run", config_path(settings, out_cli), "--address",
+                          cluster.address, "--no-progress"], capture_output=True, text=True, timeout=300)
+    report = {"cli_exit": cli.returncode, "cli_stderr": cli.stderr[-2000:], "cli_out": out_cli,
+              "cli_nodes": _nodes_used(out_cli) if cli.returncode == 0 else [],
+              "driver_retries": retries.count, "removed": removed, "ref_nodes": _nodes_used(out_ref), "disturbed_nodes": _nodes_used(out_disturbed),
               "worker_nodes": [w.unique_id for w in workers]}
     with open(report_path, "w") as fh:
         json.dump(report, fh)

@@ -149,6 +149,8 @@ def test_a_worker_node_removed_mid_job_on_a_multi_node_cluster(job, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
     assert len(report["removed"]) == 1
+    assert report["cli_exit"] == 0, report["cli_stderr"]  # `embedpipe run --address` joined the cluster
+    assert len(report["cli_nodes"]) >= 2 and output_files(Path(report["cli_out"])) == output_files(ref)
     print("driver resubmissions after the node loss:", report["driver_retries"])
     assert len(report["ref_nodes"]) >= 2, report  # units were spread over the worker nodes
     assert output_files(disturbed) == output_files(ref)
