@@ -48,6 +48,8 @@ _SHARDS_PER_ACTOR = 2
 # Resubmissions by the driver of a unit or shard whose process or node was lost, on top of Ray's own
 # retries (which do not cover every case, e.g. an actor on a removed node: ActorUnavailableError).
 _DRIVER_RETRIES = 3
+# CPU encoder actors (each loads the model): see _encoder_resources.
+_MAX_CPU_ACTORS = 8
 _RETRY = object()
 
 
@@ -178,9 +180,13 @@ def _encoder_resources(config: JobConfig) -> tuple[str, int, dict[str, float], i
         raise ConfigError("encoder.device: 'cuda' but the Ray cluster has no GPU; use device: auto or cpu")
     if device in ("auto", "cuda") and gpus:
         return "cuda", gpus, {"num_gpus": 1, "num_cpus": 1}, None
-    # One CPU actor reserves one CPU slot (so tokenize tasks still run beside it) and computes with
-    # every core: tokenizing is short next to encoding on a CPU.
-    return "cpu", 1, {"num_cpus": 1}, max(1, cpus)
+    # On a CPU, one single-threaded actor per core: for encoder-sized matrices torch's intra-op threads
+    # barely help (MiniLM: 2 threads ran 1.0x one thread; 2 one-thread processes 2.0x), and one thread
+    # makes a row's bytes independent of the machine's core count. Each actor books half a CPU so that
+    # tokenize tasks keep half the slots; tokenizing is short next to encoding on a CPU. At most
+    # _MAX_CPU_ACTORS copies of the model are loaded; beyond that each actor gets more threads.
+    actors = max(1, min(cpus, _MAX_CPU_ACTORS))
+    return "cpu", actors, {"num_cpus": 0.5}, max(1, cpus // actors)
 
 
 class _Job:
