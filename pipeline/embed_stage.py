@@ -95,8 +95,11 @@ class ShardEncoder:
             from pipeline.encode import check_options
             from pipeline.encoders import load_encoder
 
+            from pipeline.malloc import keep_freed_memory
+
             if self.spec.num_threads:
                 torch.set_num_threads(self.spec.num_threads)
+            keep_freed_memory()
             self._model = load_encoder(
                 self.spec.model_dir, allow_pickle=self.spec.allow_pickle,
                 trust_remote_code=self.spec.trust_remote_code, dtype=self.spec.options.dtype,
