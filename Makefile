@@ -9,7 +9,7 @@ TORCH  ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: run test test-faults test-slow bench-tokenize bench-embed clean
+.PHONY: run test test-faults test-walkthrough test-slow bench-tokenize bench-embed clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ test: $(VENV)/.installed
 
 test-faults: $(VENV)/.installed
 	$(BIN)/python -m pytest -q -m faults
+
+test-walkthrough: $(VENV)/.installed
+	$(BIN)/python -m pytest -q -m walkthrough
 
 test-slow: $(VENV)/.installed
 	$(BIN)/python -m pytest -q -m slow
