@@ -305,7 +305,7 @@ class _Job:
                 token_refs[task.remote(unit, self.names[unit.index], read, spec_ref, str(self.out_dir))] = unit
 
         submit_tokenize()  # tokenizing starts while the encoders load their models
-        actors = self._start_encoders() if "embeddings" in stages else []
+        actors, loading = self._start_encoders() if "embeddings" in stages else ([], [])
         load = {i: 0 for i in range(len(actors))}
         while queue or token_refs or waiting_shards or embed_refs:
             submit_tokenize()
@@ -314,9 +314,13 @@ class _Job:
                 name = waiting_shards.pop(0)
                 embed_refs[actors[actor].embed_shard.remote(str(self.out_dir), name)] = (actor, actors[actor], name)
                 load[actor] += 1
-            ready, _ = ray.wait([*token_refs, *embed_refs], num_returns=1)
+            # Model loads first: a load that failed on bad settings must surface as such, not as a shard error.
+            ready, _ = ray.wait([*loading, *token_refs, *embed_refs], num_returns=1)
             for ref in ready:
-                if ref in token_refs:
+                if ref in loading:
+                    loading.remove(ref)
+                    self._loaded(ref)
+                elif ref in token_refs:
                     unit = token_refs.pop(ref)
                     report = self._collect(ref, f"unit {unit.index} ({unit.describe()})", ("tokens", unit.index))
                     if report is _RETRY:
@@ -336,19 +340,30 @@ class _Job:
                     elif report:
                         self._record("embeddings", name, report, skipped.get("embeddings", 0))
             self._save()
+        for ref in loading:  # no shard was left to embed before these models finished loading
+            self._loaded(ref)
 
-    def _start_encoders(self) -> list[Any]:
-        """Start the encoder actors and load their models (errors in the model surface here, as ConfigError)."""
+    def _start_encoders(self) -> tuple[list[Any], list[Any]]:
+        """Start the encoder actors; return them and one ref per actor that is ready once its model is loaded.
+
+        The driver does not block on the loads: shards tokenized meanwhile are recorded (and shown) as they
+        finish, and embedding calls queue on the actors until their models are in memory.
+        """
+        actors = [self._new_encoder() for _ in range(self.encoders[1])]
+        return actors, [a.hidden_size.remote() for a in actors]
+
+    def _loaded(self, ref: Any) -> None:
+        """Take an encoder's hidden size; errors in the model's settings surface here, as ConfigError."""
         import ray
 
-        actors = [self._new_encoder() for _ in range(self.encoders[1])]
         try:
-            self.hidden_size = ray.get([a.hidden_size.remote() for a in actors])[0]
+            self.hidden_size = ray.get(ref)
         except ray.exceptions.RayTaskError as exc:
             if isinstance(exc.cause, ConfigError):
                 raise exc.cause from None
             raise
-        return actors
+        except ray.exceptions.RayActorError:
+            pass  # the actor died while loading: its shards are retried on a replacement (see _collect)
 
     def _collect(self, ref: Any, what: str, key: tuple[str, Any]) -> dict[str, Any] | object | None:
         """The task's report; ``_RETRY`` after a system failure (a process or node lost) with attempts left;
