@@ -19,7 +19,8 @@ import pyarrow.compute as pc
 
 from pipeline.faults import fault_point
 from pipeline.report import peak_rss_mb
-from pipeline.shards import file_sha256, read_shard, write_shard
+from pipeline.shards import read_shard_and_sha256, write_shard
+from pipeline.storage import output_path
 
 # How many ids of non-finite rows a shard report names (the count is always exact).
 _NONFINITE_IDS_KEPT = 20
@@ -115,8 +116,8 @@ class ShardEncoder:
         """Embed ``tokens/<name>`` into ``embeddings/<name>``; return the shard's report."""
         from pipeline.encode import count_nonfinite, encode_rows, embeddings_to_arrow
 
-        tokens_path = Path(out_dir) / "tokens" / name
-        tokens = read_shard(tokens_path)
+        out = output_path(out_dir)
+        tokens, tokens_sha256 = read_shard_and_sha256(out / "tokens" / name)
         input_ids, mask, type_ids = token_arrays(tokens)
         embeddings = encode_rows(self.model, input_ids, mask, type_ids, self.spec.options,
                                  padding_side=self.spec.padding_side)
@@ -126,7 +127,7 @@ class ShardEncoder:
             columns.append(tokens.column("chunk"))
         columns.append(embeddings_to_arrow(embeddings, schema.field("embedding")))
         fault_point("embed.before_commit")
-        committed = write_shard(pa.Table.from_arrays(columns, schema=schema), Path(out_dir) / "embeddings" / name)
+        committed = write_shard(pa.Table.from_arrays(columns, schema=schema), out / "embeddings" / name)
         fault_point("embed.after_commit")
         bad = count_nonfinite(embeddings, self.spec.options.output_dtype)
         return {
@@ -135,7 +136,7 @@ class ShardEncoder:
             "tokens": int(pc.sum(tokens.column("length")).as_py() or 0),
             "bytes": committed.bytes,
             "sha256": committed.sha256,
-            "tokens_sha256": file_sha256(tokens_path),
+            "tokens_sha256": tokens_sha256,
             "nonfinite_rows": int(np.count_nonzero(bad)),
             "nonfinite_ids": [tokens.column("id")[int(i)].as_py() for i in np.flatnonzero(bad)[:_NONFINITE_IDS_KEPT]],
             "mean_norm": _mean_norm(embeddings, bad, self.spec.options.output_dtype),

@@ -21,6 +21,7 @@ import pyarrow as pa
 
 from pipeline.errors import ConfigError
 from pipeline.manifest import MANIFEST_NAME, load_manifest
+from pipeline.storage import is_remote, output_path
 
 STAGES = ("tokens", "embeddings")
 EMBEDDING_VALUES = 6  # first values shown per embedding row
@@ -46,7 +47,7 @@ def locate(path: str | Path) -> Target:
     Raises:
         ConfigError: the path does not exist or is none of an output, a stage directory or a shard.
     """
-    p = Path(path)
+    p = output_path(path)
     if not p.exists():
         raise ConfigError(f"{path}: no such file or directory")
     if p.is_file():
@@ -63,8 +64,8 @@ def locate(path: str | Path) -> Target:
                       "a stage directory (no *.arrow files) or a shard file")
 
 
-def _open_stream(path: Path) -> tuple[Any, pa.ipc.RecordBatchStreamReader]:
-    source = pa.memory_map(str(path))
+def _open_stream(path: Any) -> tuple[Any, pa.ipc.RecordBatchStreamReader]:
+    source = pa.BufferReader(path.read_bytes()) if is_remote(path) else pa.memory_map(str(path))
     try:
         return source, pa.ipc.open_stream(source)
     except (pa.ArrowInvalid, OSError) as exc:

@@ -21,6 +21,7 @@ from pipeline.config import JobConfig
 from pipeline.errors import ConfigError
 from pipeline.plan import WorkUnit
 from pipeline.shards import commit_bytes
+from pipeline.storage import output_path
 from pipeline.sources import InputFile
 
 MANIFEST_NAME = "manifest.json"
@@ -66,21 +67,21 @@ def new_manifest(config: JobConfig, files: list[InputFile], units: list[WorkUnit
     }
 
 
-def load_manifest(out_dir: Path) -> dict[str, Any] | None:
-    """The manifest of ``out_dir``, or None if there is none."""
-    path = Path(out_dir) / MANIFEST_NAME
-    if not path.exists():
-        return None
+def load_manifest(out_dir: Path | str) -> dict[str, Any] | None:
+    """The manifest of ``out_dir`` (a local path or an fsspec URL), or None if there is none."""
+    path = output_path(out_dir) / MANIFEST_NAME
     try:
         return json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
     except ValueError as exc:
         raise ConfigError(f"{path}: not a readable manifest ({exc}); remove it or use --force") from None
 
 
-def save_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
+def save_manifest(out_dir: Path | str, manifest: dict[str, Any]) -> None:
     """Replace the manifest atomically."""
     manifest["updated_at"] = now()
-    commit_bytes(json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8"), Path(out_dir) / MANIFEST_NAME)
+    commit_bytes(json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8"), output_path(out_dir) / MANIFEST_NAME)
 
 
 def differences(old: dict[str, Any], new: dict[str, Any], increment: bool = False) -> list[str]:

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ConfigError
 from pipeline.manifest import differences, load_manifest
 from pipeline.shards import file_sha256
+from pipeline.storage import is_remote, output_path, remove_tree
 
 _JOB_ENTRIES = ("tokens", "embeddings", "quarantine", "manifest.json")
 
 
-def prepare_output(out_dir: Path, fresh: dict[str, Any], force: bool,
+def prepare_output(out_dir: Path | str, fresh: dict[str, Any], force: bool,
                    increment: dict[str, Any] | None = None) -> dict[str, Any]:
     """The manifest to continue with: the existing one if it is the same job, else ``fresh``.
 
@@ -23,6 +23,7 @@ def prepare_output(out_dir: Path, fresh: dict[str, Any], force: bool,
     Raises:
         ConfigError: ``out_dir`` holds a different job's output and ``force`` is off (it names what differs).
     """
+    out_dir = output_path(out_dir)
     old = load_manifest(out_dir)
     if old is not None and not force:
         changed = differences(old, fresh, increment=increment is not None)
@@ -38,17 +39,15 @@ def prepare_output(out_dir: Path, fresh: dict[str, Any], force: bool,
         return old
     if force:
         for entry in _JOB_ENTRIES:
-            target = out_dir / entry
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    out_dir.mkdir(parents=True, exist_ok=True)
+            remove_tree(out_dir / entry)
+    if not is_remote(out_dir):  # an object store has no directories to make
+        out_dir.mkdir(parents=True, exist_ok=True)
     return fresh
 
 
-def committed_ok(out_dir: Path, stage: str, record: dict[str, Any]) -> bool:
-    """Whether a shard the manifest lists is on disk as committed: same size, same sha256."""
+def committed_ok(out_dir: Path | str, stage: str, record: dict[str, Any]) -> bool:
+    """Whether a shard the manifest lists is on disk (or in the store) as committed: same size, same sha256."""
+    out_dir = output_path(out_dir)
     path = out_dir / stage / record["name"]
     if not path.is_file() or path.stat().st_size != record["bytes"]:
         return False

@@ -22,6 +22,7 @@ import numpy as np
 from pipeline.errors import ConfigError
 from pipeline.manifest import load_manifest
 from pipeline.shards import read_shard
+from pipeline.storage import output_path
 
 if TYPE_CHECKING:
     from pipeline.inspect import Decoder
@@ -89,8 +90,8 @@ def load_sample(out_dir: str | Path, sample: int = DEFAULT_SAMPLE, seed: int = 0
     """
     from pipeline.encode import arrow_to_tensor
 
-    out = Path(out_dir)
-    manifest = load_manifest(out) if out.is_dir() else None
+    out = output_path(out_dir)
+    manifest = load_manifest(out)
     if manifest is None:
         raise ConfigError(f"{out_dir}: not an embedpipe output directory (no manifest.json)")
     records = manifest.get("stages", {}).get("embeddings", {}).get("shards", {})
@@ -370,8 +371,8 @@ def plot_embeddings(out_dir: str | Path, out_path: str | Path, *, sample: int = 
     out_path = Path(out_path)
     if not out_path.parent.is_dir():
         raise ConfigError(f"--out {out_path}: directory {out_path.parent} does not exist")
-    out = Path(out_dir)
-    decoder = load_decoder(load_manifest(out) if out.is_dir() else None) if labels else None
+    out = output_path(out_dir)
+    decoder = load_decoder(load_manifest(out)) if labels else None
     drawn = load_sample(out, sample, seed, color_by, decoder)
     notes = list(drawn.notes)
     if decoder is not None and decoder.note:

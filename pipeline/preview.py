@@ -9,7 +9,6 @@ output directory already holds: what a rerun would skip, or why it would refuse.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,6 +20,7 @@ from pipeline.manifest import differences, load_manifest, new_manifest
 from pipeline.models import load_tokenize_spec
 from pipeline.outdir import committed_ok
 from pipeline.sources import TextRules, check_columns, discover
+from pipeline.storage import output_path
 from pipeline.tokenize import tokenize_texts
 from pipeline.tokenize_stage import ReadSpec, read_unit
 
@@ -79,8 +79,8 @@ def preview_job(config: JobConfig, stages: tuple[str, ...]) -> PlanPreview:
     files = discover(config.input.path, config.input.format)
     check_columns(files, config.input.text_column, config.input.id_column)
     spec = load_tokenize_spec(config)
-    out_dir = Path(config.output.path)
-    old = load_manifest(out_dir) if out_dir.is_dir() else None
+    out_dir = output_path(config.output.path)
+    old = load_manifest(out_dir)
     plan = plan_job(files, config.output.shard_rows, old)
     lengths, untruncated = _sample_lengths(config, spec, plan.units)
     rows_in = sum(u.num_rows for u in plan.units)
@@ -117,7 +117,7 @@ def _embedding_row_bytes(config: JobConfig, width: int | None) -> float:
     return hidden * positions * _DTYPE_BYTES[config.encoder.output_dtype] + 24
 
 
-def _rerun_outcome(config: JobConfig, out_dir: Path, old: dict[str, Any] | None, files: list[Any], plan: Any,
+def _rerun_outcome(config: JobConfig, out_dir: Any, old: dict[str, Any] | None, files: list[Any], plan: Any,
                    spec: Any, stages: tuple[str, ...]) -> tuple[str, dict[str, int]]:
     """What running now would do with what OUT holds: (a sentence, committed shards it would skip per stage)."""
     if old is None:

@@ -23,11 +23,12 @@ from pipeline.config import JobConfig
 from pipeline.embed_stage import EmbedSpec, ShardEncoder, embedding_schema, plan_embed
 from pipeline.errors import ConfigError, JobFailed
 from pipeline.faults import fault_point
-from pipeline.lock import OutputLock
+from pipeline.lock import output_lock
 from pipeline.increments import JobPlan, plan_job
 from pipeline.manifest import add_counts, load_manifest, new_manifest, now, save_manifest
 from pipeline.models import load_tokenize_spec
 from pipeline.outdir import committed_ok, prepare_output
+from pipeline.storage import output_path
 from pipeline.plan import WorkUnit
 from pipeline.report import peak_rss_mb
 from pipeline.shards import clean_staging, write_dataset_metadata
@@ -146,7 +147,7 @@ def run_job(config: JobConfig, *, stages: tuple[str, ...] = STAGES, force: bool 
         spec_future = pool.submit(_load_spec_and_warm_up, config)
         files = discover(config.input.path, config.input.format)
         check_columns(files, config.input.text_column, config.input.id_column)
-        with OutputLock(Path(config.output.path), command="+".join(stages)) as lock:
+        with output_lock(config.output.path, command="+".join(stages)) as lock:
             if lock.previous:
                 log.warning("took over the lock of %s left by a job that is gone: %s",
                             config.output.path, lock.previous.describe())
@@ -197,7 +198,7 @@ class _Job:
         self.config, self.spec, self.units = config, spec, plan.units
         self.names = dict(zip((u.index for u in plan.units), plan.names))
         self.progress, self.started = progress, started
-        self.out_dir = Path(config.output.path)
+        self.out_dir = output_path(config.output.path)
         tokenizer_sha = hashlib.sha256(spec.tokenizer_json.encode()).hexdigest()
         fresh = new_manifest(config, files, plan.units, tokenizer_sha, plan.names)
         self.manifest = prepare_output(self.out_dir, fresh, force, plan.increment)

@@ -2,7 +2,9 @@
 
 A shard is serialized in memory as an Arrow IPC *stream* (what ``datasets``
 memory-maps), checksummed, written under a staging name, fsynced, and renamed
-into place. A reader therefore sees either no shard or a whole one.
+into place; on an object store, uploaded whole in one call (an object appears
+only when its upload completes). A reader therefore sees either no shard or a
+whole one.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 
 from pipeline.faults import fault_point
+from pipeline.storage import is_remote, output_path, put_object
 
 STAGING_DIR = ".staging"
 # Rows per IPC record batch, as datasets' ArrowWriter does by default.
@@ -45,12 +49,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def commit_bytes(data: bytes | memoryview, final_path: Path) -> CommittedFile:
+def commit_bytes(data: bytes | memoryview, final_path: Path | str) -> CommittedFile:
     """Write ``data`` to ``final_path`` atomically: staging name, fsync, rename, fsync the directory.
 
-    On any failure the staging file is removed and nothing appears at ``final_path``.
+    On any failure the staging file is removed and nothing appears at ``final_path``. On an object
+    store the bytes are uploaded whole in one call (see :func:`pipeline.storage.put_object`).
     """
-    final_path = Path(final_path)
+    final_path = output_path(final_path)
+    if is_remote(final_path):
+        return _commit_object(data, final_path)
     staging = final_path.parent / STAGING_DIR
     staging.mkdir(parents=True, exist_ok=True)
     tmp = staging / f"{final_path.name}.{uuid.uuid4().hex}.tmp"
@@ -75,6 +82,17 @@ def commit_bytes(data: bytes | memoryview, final_path: Path) -> CommittedFile:
     return CommittedFile(str(final_path), len(data), digest)
 
 
+def _commit_object(data: bytes | memoryview, final_path: Any) -> CommittedFile:
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        fault_point("commit.write")
+        fault_point("commit.before_rename")
+        put_object(final_path, data)
+    except OSError as exc:
+        raise OSError(exc.errno, f"upload failed: {exc.strerror or exc}", str(final_path)) from exc
+    return CommittedFile(str(final_path), len(data), digest)
+
+
 def serialize_table(table: pa.Table) -> pa.Buffer:
     """The table as Arrow IPC stream bytes, cut into record batches of BATCH_ROWS rows."""
     sink = pa.BufferOutputStream()
@@ -94,24 +112,38 @@ def write_jsonl(records: list[dict], final_path: Path) -> CommittedFile:
     return commit_bytes(text.encode("utf-8"), final_path)
 
 
-def file_sha256(path: Path) -> str:
-    """sha256 of a file on disk, read in blocks."""
+def file_sha256(path: Path | str) -> str:
+    """sha256 of a file (local or remote), read in blocks."""
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with output_path(path).open("rb") as fh:
         while block := fh.read(1 << 20):
             digest.update(block)
     return digest.hexdigest()
 
 
-def read_shard(path: Path) -> pa.Table:
-    """Read a whole shard (memory-mapped)."""
+def read_shard(path: Path | str) -> pa.Table:
+    """Read a whole shard (memory-mapped when local, fetched whole when remote)."""
+    return read_shard_and_sha256(path, checksum=False)[0]
+
+
+def read_shard_and_sha256(path: Path | str, checksum: bool = True) -> tuple[pa.Table, str | None]:
+    """Read a whole shard and (with ``checksum``) the sha256 of its bytes, fetching a remote shard once."""
+    path = output_path(path)
+    if is_remote(path):
+        data = path.read_bytes()
+        digest = hashlib.sha256(data).hexdigest() if checksum else None
+        return pa.ipc.open_stream(pa.py_buffer(data)).read_all(), digest
     with pa.memory_map(str(path)) as source:
-        return pa.ipc.open_stream(source).read_all()
+        table = pa.ipc.open_stream(source).read_all()
+    return table, file_sha256(path) if checksum else None
 
 
 def clean_staging(directory: Path) -> int:
-    """Remove leftovers of interrupted commits; returns how many files went."""
-    staging = Path(directory) / STAGING_DIR
+    """Remove leftovers of interrupted commits; returns how many files went (none on an object store)."""
+    directory = output_path(directory)
+    if is_remote(directory):
+        return 0
+    staging = directory / STAGING_DIR
     if not staging.is_dir():
         return 0
     removed = 0
@@ -136,6 +168,6 @@ def write_dataset_metadata(directory: Path, schema: pa.Schema, shard_names: list
         "_output_all_columns": False,
         "_split": None,
     }
-    directory = Path(directory)
+    directory = output_path(directory)
     commit_bytes(json.dumps(info, indent=2, sort_keys=True).encode(), directory / "dataset_info.json")
     commit_bytes(json.dumps(state, indent=2, sort_keys=True).encode(), directory / "state.json")

@@ -11,6 +11,7 @@ from typing import Any
 
 from pipeline.lock import lock_holder
 from pipeline.manifest import load_manifest
+from pipeline.storage import output_path
 from pipeline.verify import STAGES, planned_shards
 
 
@@ -42,11 +43,11 @@ class OutputStatus:
         return asdict(self)
 
 
-def output_status(out_dir: Path) -> OutputStatus:
-    """The status of ``out_dir`` (job status ``absent`` when it holds no manifest yet)."""
-    out_dir = Path(out_dir)
+def output_status(out_dir: Path | str) -> OutputStatus:
+    """The status of ``out_dir``, a local path or an fsspec URL (job status ``absent`` when it holds no manifest yet)."""
+    out_dir = output_path(out_dir)
     holder = lock_holder(out_dir)
-    manifest = load_manifest(out_dir) if out_dir.is_dir() else None
+    manifest = load_manifest(out_dir)
     lock = holder.__dict__ if holder else None
     if manifest is None:
         return OutputStatus(str(out_dir), "absent", None, [], lock)
@@ -70,7 +71,7 @@ def output_status(out_dir: Path) -> OutputStatus:
     return OutputStatus(str(out_dir), status, manifest.get("updated_at"), stages, lock)
 
 
-def _looks_committed(path: Path, shard: dict[str, Any]) -> bool:
+def _looks_committed(path: Any, shard: dict[str, Any]) -> bool:
     return path.is_file() and path.stat().st_size == shard.get("bytes")
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,6 +16,7 @@ import numpy as np
 from pipeline.faults import fault_point
 from pipeline.plan import WorkUnit
 from pipeline.shards import write_jsonl, write_shard
+from pipeline.storage import output_path
 from pipeline.sources import LINE_FORMATS, BadRow, RowBatch, TextRules, read_columnar_rows, read_line_rows
 from pipeline.tokenize import TokenizeSpec, TokenRows, length_histogram, to_table, tokenize_texts
 
@@ -60,11 +60,13 @@ def run_unit(unit: WorkUnit, name: str, read: ReadSpec, spec: TokenizeSpec, out_
     """Tokenize one unit and commit its shard ``tokens/<name>`` (and quarantine file); return the shard's report."""
     table, rows, bad = tokenize_unit(unit, read, spec)
     fault_point("tokenize.before_commit")
-    committed = write_shard(table, Path(out_dir) / "tokens" / name)
+    out = output_path(out_dir)
+    committed = write_shard(table, out / "tokens" / name)
     quarantine_file = None
     if bad:
         records = [b.to_json() | {"stage": "tokenize", "shard": name} for b in bad]
-        quarantine_file = write_jsonl(records, Path(out_dir) / "quarantine" / f"tokens-{name[:-len('.arrow')]}.jsonl").path
+        quarantine_file = f"tokens-{name[:-len('.arrow')]}.jsonl"
+        write_jsonl(records, out / "quarantine" / quarantine_file)
     fault_point("tokenize.after_commit")
     truncated = int(np.count_nonzero(rows.untruncated > (spec.max_length or 0))) if spec.truncation else 0
     return {
@@ -75,7 +77,7 @@ def run_unit(unit: WorkUnit, name: str, read: ReadSpec, spec: TokenizeSpec, out_
         "rows": table.num_rows,
         "texts": len(rows.untruncated),
         "quarantined": len(bad),
-        "quarantine_file": Path(quarantine_file).name if quarantine_file else None,
+        "quarantine_file": quarantine_file,
         "tokens": int(rows.lengths.sum()),
         "untruncated_tokens": int(rows.untruncated.sum()),
         "truncated_rows": truncated,

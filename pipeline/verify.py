@@ -23,7 +23,8 @@ import pyarrow.compute as pc
 
 from pipeline.manifest import load_manifest
 from pipeline.increments import plan_names
-from pipeline.shards import STAGING_DIR, file_sha256, read_shard
+from pipeline.shards import STAGING_DIR, file_sha256, read_shard_and_sha256
+from pipeline.storage import output_path
 
 STAGES = ("tokens", "embeddings")
 
@@ -32,7 +33,7 @@ STAGES = ("tokens", "embeddings")
 class VerifyResult:
     """What ``verify`` found: problems (each names where and what) and what it checked."""
 
-    out_dir: Path
+    out_dir: Any
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     checked: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -51,9 +52,9 @@ def planned_shards(manifest: dict[str, Any]) -> list[str]:
     return plan_names(manifest["plan"])
 
 
-def verify_output(out_dir: Path) -> VerifyResult:
-    """Re-read every shard of ``out_dir`` and check it against the manifest (see the module docstring)."""
-    out_dir = Path(out_dir)
+def verify_output(out_dir: Path | str) -> VerifyResult:
+    """Re-read every shard of ``out_dir`` (a local path or an fsspec URL) against the manifest (see the module docstring)."""
+    out_dir = output_path(out_dir)
     result = VerifyResult(out_dir)
     try:
         manifest = load_manifest(out_dir)
@@ -97,13 +98,15 @@ def _check_stage(result: VerifyResult, out_dir: Path, manifest: dict[str, Any], 
         if size != shard["bytes"]:
             result.problems.append(f"{stage}/{name}: {size} bytes on disk, the manifest recorded {shard['bytes']}")
             continue
-        if file_sha256(path) != shard["sha256"]:
+        try:
+            table, digest = read_shard_and_sha256(path)
+        except (pa.ArrowInvalid, OSError) as exc:
+            table, digest, error = None, file_sha256(path), exc
+        if digest != shard["sha256"]:
             result.problems.append(f"{stage}/{name}: sha256 differs from the manifest's (the file was altered)")
             continue
-        try:
-            table = read_shard(path)
-        except (pa.ArrowInvalid, OSError) as exc:
-            result.problems.append(f"{stage}/{name}: not a readable Arrow IPC stream: {exc}")
+        if table is None:
+            result.problems.append(f"{stage}/{name}: not a readable Arrow IPC stream: {error}")
             continue
         if table.num_rows != shard["rows"]:
             result.problems.append(f"{stage}/{name}: {table.num_rows} rows, the manifest recorded {shard['rows']}")

@@ -17,7 +17,7 @@ import pytest
 from cli_runs import embedpipe, manifest, start_embedpipe
 from pipeline.config import validate_config
 from pipeline.errors import InputError
-from pipeline.lock import OutputLock, lock_holder
+from pipeline.lock import output_lock, lock_holder
 from pipeline.plan import plan_units
 from pipeline.run import run_job, run_tokenize
 from pipeline.shards import read_shard, write_shard
@@ -147,7 +147,7 @@ def test_permission_denied_is_named():
 
 def test_a_second_job_on_a_locked_output_exits_3_naming_the_holder(tmp_path):
     out = tmp_path / "out"
-    with OutputLock(out, command="test"):
+    with output_lock(out, command="test"):
         done = embedpipe("tokenize", "conf/default.yaml", "-o", str(out))
         assert lock_holder(out).pid == os.getpid()
         assert output_status(out).lock["pid"] == os.getpid()

@@ -1,0 +1,229 @@
+"""Outputs on object storage: the CLI writes, resumes, locks, verifies and reads an ``s3://`` output.
+
+The store is a real S3 API server on loopback (moto's ``moto_server``, started for the module), reached
+through s3fs exactly as a bucket on AWS or MinIO would be: credentials and endpoint from the ``AWS_*``
+environment. The shards written there must equal, byte for byte, the same job's on a local disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cli_runs import cli_env, embedpipe, output_files
+from tiny_models import build_tiny_bert
+
+pytest.importorskip("s3fs")
+BUCKET = "embedpipe-test"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A moto S3 server on loopback with one bucket; the AWS_* variables that reach it, set for the module."""
+    moto = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
+    if moto is None:
+        pytest.fail("moto_server is missing: install the test extras (pip install -e '.[test]')")
+    port = _free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")  # noqa: SIM115 - closed below
+    server = subprocess.Popen([moto, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None, "moto_server did not start"
+                time.sleep(0.2)
+        import fsspec
+
+        fs = fsspec.filesystem("s3", skip_instance_cache=True)
+        fs.mkdir(BUCKET)
+        yield {"env": env, "fs": fs}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, s3) -> dict:
+    """A small corpus with a bad row, a tiny BERT, and the same job's output on a local disk to compare with."""
+    root = tmp_path_factory.mktemp("objstore")
+    lines = [json.dumps({"id": f"doc-{i}", "text": f"row {i} " + "word " * (i % 23)}) for i in range(150)]
+    lines[17] = '{"id": "doc-17", "text": null}'
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("\n".join(lines) + "\n")
+    model = build_tiny_bert(root / "tiny-bert")
+    config = root / "job.yaml"
+    config.write_text(
+        f"input: {{path: {corpus}, id_column: id}}\n"
+        "output: {path: unused, shard_rows: 40}\n"
+        "tokenizer: {max_length: 32}\n"
+        f"encoder: {{model: {model}, pooling: mean, normalize: true}}\n"
+        "ray: {num_cpus: 2}\n"
+    )
+    local = root / "local"
+    done = embedpipe("run", str(config), "-o", str(local), "--no-progress")
+    assert done.returncode == 0, done.stderr
+    return {"root": root, "config": str(config), "local": local, "reference": output_files(local)}
+
+
+def _env(s3: dict, **extra: str) -> dict[str, str]:
+    return cli_env(**s3["env"], **extra)
+
+
+def _objects(s3: dict, url: str) -> dict[str, str]:
+    """sha256 of every object a job publishes under ``url`` except the manifest, keyed like ``output_files``."""
+    import hashlib
+
+    fs, prefix = s3["fs"], url.removeprefix("s3://")
+    fs.invalidate_cache()
+    found = {}
+    for stage in ("tokens", "embeddings", "quarantine"):
+        for key in fs.find(f"{prefix}/{stage}"):
+            found[f"{stage}/{key.rsplit('/', 1)[-1]}"] = hashlib.sha256(fs.cat_file(key)).hexdigest()
+    return found
+
+
+def test_a_job_on_s3_equals_the_same_job_on_disk_and_reads_back(job, s3):
+    url = f"s3://{BUCKET}/equal"
+    done = embedpipe("run", job["config"], "-o", url, "--no-progress", env=_env(s3))
+    assert done.returncode == 0, done.stderr
+    assert _objects(s3, url) == job["reference"]
+    assert not s3["fs"].exists(f"{BUCKET}/equal/.lock"), "the lock object outlived the job"
+
+    checked = embedpipe("verify", url, env=_env(s3))
+    assert checked.returncode == 0 and "OK" in checked.stdout, checked.stdout + checked.stderr
+    status = json.loads(embedpipe("status", url, "--json", env=_env(s3)).stdout)
+    assert status["job_status"] == "complete" and status["lock"] is None
+    assert [s["committed"] for s in status["stages"]] == [4, 4]
+    reports = s3["fs"].ls(f"{BUCKET}/equal/reports")
+    assert len(reports) == 1 and json.loads(s3["fs"].cat_file(reports[0]))["exit_status"] == 0
+    noop = embedpipe("run", job["config"], "-o", url, "--no-progress", env=_env(s3))
+    assert noop.returncode == 0 and "nothing to do" in noop.stdout
+
+    shown = embedpipe("inspect", f"{url}/tokens/data-00000-of-00004.arrow", "--rows", "1", env=_env(s3))
+    assert shown.returncode == 0 and "doc-0" in shown.stdout, shown.stdout + shown.stderr
+
+    # Readers: pipeline.data and datasets straight from the bucket.
+    from pipeline.data import ShardDataset, StreamingDataset
+
+    remote = ShardDataset(url, "both", columns=["input_ids", "embedding"])
+    on_disk = ShardDataset(str(job["local"]), "both", columns=["input_ids", "embedding"])
+    assert len(remote) == len(on_disk) == 149
+    for a, b in zip(remote.__getitems__([0, 77, 148]).values(), on_disk.__getitems__([0, 77, 148]).values()):
+        assert (a == b).all()
+    streamed = [i for batch in StreamingDataset(url, columns=["id"], batch_size=32, seed=3) for i in batch["id"]]
+    assert sorted(streamed) == sorted(f"doc-{i}" for i in range(150) if i != 17)
+    import datasets
+
+    loaded = datasets.load_from_disk(f"{url}/embeddings", storage_options={"endpoint_url": s3["env"]["AWS_ENDPOINT_URL"]})
+    assert loaded.num_rows == 149 and loaded[0]["id"] == "doc-0"
+
+
+@pytest.mark.faults
+def test_a_rerun_on_s3_redoes_only_missing_or_damaged_objects(job, s3):
+    url, prefix = f"s3://{BUCKET}/resume", f"{BUCKET}/resume"
+    assert embedpipe("run", job["config"], "-o", url, "--no-progress", env=_env(s3)).returncode == 0
+    fs = s3["fs"]
+    fs.rm_file(f"{prefix}/tokens/data-00001-of-00004.arrow")
+    fs.pipe_file(f"{prefix}/embeddings/data-00002-of-00004.arrow", b"not arrow")
+    fs.invalidate_cache()
+    status = json.loads(embedpipe("status", url, "--json", env=_env(s3)).stdout)
+    assert {s["stage"]: s["damaged"] for s in status["stages"]} == {
+        "tokens": ["data-00001-of-00004.arrow"], "embeddings": ["data-00002-of-00004.arrow"]}
+    assert embedpipe("verify", url, env=_env(s3)).returncode == 1
+
+    again = embedpipe("run", job["config"], "-o", url, "--no-progress", "--log-format", "json", env=_env(s3))
+    assert again.returncode == 0, again.stderr
+    resume = next(json.loads(line) for line in again.stderr.splitlines() if '"resume"' in line)
+    # Tokens: 3 kept, 1 redone; embeddings: 2 kept (shard 1's is stale once its tokens are redone, 2's damaged).
+    assert resume["skipped"] == {"tokens": 3, "embeddings": 2}
+    assert _objects(s3, url) == job["reference"]
+    assert embedpipe("verify", url, env=_env(s3)).returncode == 0
+
+
+def test_one_job_per_s3_output_and_a_dead_holders_lease_is_taken_over(job, s3):
+    from pipeline.lock import LockInfo, lock_holder, output_lock
+
+    url, lock_key = f"s3://{BUCKET}/locked", f"{BUCKET}/locked/.lock"
+    with output_lock(url, command="test"):
+        assert lock_holder(url).pid == os.getpid()
+        refused = embedpipe("run", job["config"], "-o", url, "--no-progress", env=_env(s3))
+        assert refused.returncode == 3, refused.stderr
+        assert f"pid {os.getpid()}" in refused.stderr and "locked by a running job" in refused.stderr
+    assert lock_holder(url) is None and not s3["fs"].exists(lock_key)
+
+    # Another host's lease that has not run out binds; once it has, it is taken over.
+    other = LockInfo("elsewhere", 4242, "2026-01-01T00:00:00+00:00", "run", expires_at=time.time() + 600)
+    s3["fs"].pipe_file(lock_key, json.dumps(other.__dict__).encode())
+    assert lock_holder(url).host == "elsewhere"
+    from pipeline.errors import LockHeld
+
+    with pytest.raises(LockHeld, match="pid 4242 on elsewhere"):
+        output_lock(url).acquire()
+    other.expires_at = time.time() - 1
+    s3["fs"].pipe_file(lock_key, json.dumps(other.__dict__).encode())
+    with output_lock(url) as lock:
+        assert lock.previous.host == "elsewhere"
+
+    # A job on this host killed with -9 leaves its lease behind: the next run sees the pid is gone and takes over.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    mine = LockInfo(socket.gethostname(), dead.pid, "2026-01-01T00:00:00+00:00", "run", expires_at=time.time() + 600)
+    s3["fs"].pipe_file(lock_key, json.dumps(mine.__dict__).encode())
+    assert lock_holder(url) is None
+    done = embedpipe("run", job["config"], "-o", url, "--no-progress", env=_env(s3))
+    assert done.returncode == 0, done.stderr
+    assert f"took over the lock of {url} left by a job that is gone: pid {dead.pid}" in done.stderr
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("fault", ["driver.after_record:3", "commit.before_rename:9", "embed.before_commit:2"])
+def test_killed_mid_job_on_s3_then_rerun_is_identical(job, s3, fault, tmp_path):
+    url = f"s3://{BUCKET}/killed-{fault.replace(':', '-').replace('.', '-')}"
+    env = _env(s3, EMBEDPIPE_FAULT=fault, EMBEDPIPE_FAULT_DIR=str(tmp_path / "counters"))
+    first = embedpipe("run", job["config"], "-o", url, "--no-progress", env=env)
+    assert any((tmp_path / "counters").iterdir()), f"{fault} never reached"
+    assert first.returncode in (0, -signal.SIGKILL), first.stderr
+    again = embedpipe("run", job["config"], "-o", url, "--no-progress", env=_env(s3))
+    assert again.returncode == 0, again.stderr
+    assert _objects(s3, url) == job["reference"]
+    assert embedpipe("verify", url, env=_env(s3)).returncode == 0
+
+
+@pytest.mark.faults
+def test_a_failed_upload_fails_clearly_and_a_rerun_completes(job, s3, tmp_path):
+    url = f"s3://{BUCKET}/upload-error"
+    env = _env(s3, EMBEDPIPE_FAULT="commit.write:5:enospc", EMBEDPIPE_FAULT_DIR=str(tmp_path / "counters"))
+    first = embedpipe("run", job["config"], "-o", url, "--no-progress", env=env)
+    assert first.returncode == 1, first.stderr
+    assert "upload failed" in first.stderr and f"{url}/" in first.stderr and "Traceback" not in first.stderr
+    again = embedpipe("run", job["config"], "-o", url, "--no-progress", env=_env(s3))
+    assert again.returncode == 0, again.stderr
+    assert _objects(s3, url) == job["reference"]
