@@ -116,15 +116,15 @@ def _run_stages(stages: tuple[str, ...], config: str, overrides: tuple[str, ...]
 
 def _write_report(out_dir: str, command: str, exit_status: int, error: str | None, started: float,
                   since: str) -> None:
-    from pathlib import Path
-
     from pipeline.report import build_run_report, summary_line, write_run_report
+    from pipeline.storage import output_path
 
-    if not (Path(out_dir) / "manifest.json").exists():
+    out = output_path(out_dir)
+    if not (out / "manifest.json").exists():
         return  # the job stopped before it wrote anything
-    report = build_run_report(Path(out_dir), command, exit_status, error, time.monotonic() - started, since)
+    report = build_run_report(out, command, exit_status, error, time.monotonic() - started, since)
     try:
-        path = write_run_report(Path(out_dir), report)
+        path = write_run_report(out, report)
     except OSError as exc:  # a full disk must not hide the job's own outcome
         log.error("could not write the run report: %s", exc)
         return
@@ -197,9 +197,9 @@ def plan(config: str, overrides: tuple[str, ...], output: str | None, stages: st
 
 
 def _existing_output(out: str) -> Any:
-    from pathlib import Path
+    from pipeline.storage import output_path
 
-    path = Path(out)
+    path = output_path(out)
     if not path.is_dir():
         _fail(ConfigError(f"{out}: no such output directory"))
     return path

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 
 import datasets
+import pytest
 
 from cli_runs import REPO, embedpipe
 from cli_runs import digests as _digests
 
 
+@pytest.mark.slow
 def test_default_job_runs_and_reruns_as_a_no_op(tmp_path):
     out = tmp_path / "default"
     first = embedpipe("run", "conf/default.yaml", "--output", str(out))
@@ -71,6 +73,7 @@ def test_help_shows_an_example():
     assert done.returncode == 0 and "Example: embedpipe tokenize" in done.stdout
 
 
+@pytest.mark.slow
 def test_worked_examples_match_transformers(tmp_path):
     from transformers import AutoTokenizer
 

@@ -99,6 +99,7 @@ def test_json_logs_and_the_run_report_agree_with_the_manifest(setup, tmp_path):
     assert json.loads(second.read_text())["nothing_to_do"] and "nothing to do" in noop.stdout
 
 
+@pytest.mark.slow
 def test_incremental_run_adds_shards_only_for_new_files(setup, tmp_path):
     inputs = tmp_path / "inputs"
     inputs.mkdir()
