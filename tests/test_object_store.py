@@ -76,17 +76,16 @@ def job(tmp_path_factory, s3) -> dict:
     root = tmp_path_factory.mktemp("objstore")
     lines = [json.dumps({"id": f"doc-{i}", "text": f"row {i} " + "word " * (i % 23)}) for i in range(150)]
     lines[17] = '{"id": "doc-17", "text": null}'
-    corpus = root / "corpus.jsonl"
-    corpus.write_text("\n".join(lines) + "\n")
-    model = build_tiny_bert(root / "tiny-bert")
+    (root / "corpus.jsonl").write_text("\n".join(lines) + "\n")
+    settings = {  # YAML is a superset of JSON
+        "input": {"path": str(root / "corpus.jsonl"), "id_column": "id"},
+        "output": {"path": "unused", "shard_rows": 40},
+        "tokenizer": {"max_length": 32},
+        "encoder": {"model": str(build_tiny_bert(root / "tiny-bert")), "pooling": "mean", "normalize": True},
+        "ray": {"num_cpus": 2},
+    }
     config = root / "job.yaml"
-    config.write_text(
-        f"input: {{path: {corpus}, id_column: id}}\n"
-        "output: {path: unused, shard_rows: 40}\n"
-        "tokenizer: {max_length: 32}\n"
-        f"encoder: {{model: {model}, pooling: mean, normalize: true}}\n"
-        "ray: {num_cpus: 2}\n"
-    )
+    config.write_text(json.dumps(settings, indent=1))
     local = root / "local"
     done = embedpipe("run", str(config), "-o", str(local), "--no-progress")
     assert done.returncode == 0, done.stderr
