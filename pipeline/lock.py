@@ -155,8 +155,11 @@ class LeaseLock:
             holder = _read_object(self.path)
             if holder is not None and holder.alive():
                 raise LockHeld(_held_message(self.path.parent, holder, self.path))
-            # A dead or expired holder's lock: remove it, then race for it like anyone else.
-            self.path.fs.rm_file(self.path.path)
+            # A dead or expired holder's lock (or one released meanwhile): remove it, then race for it like anyone else.
+            try:
+                self.path.fs.rm_file(self.path.path)
+            except FileNotFoundError:
+                pass
             if not create_exclusive(self.path, self._lease()):
                 raise LockHeld(_held_message(self.path.parent, _read_object(self.path), self.path))
             self.previous = holder

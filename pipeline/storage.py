@@ -13,6 +13,7 @@ for any option of any backend), never from the job config, so no secret lands in
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +69,6 @@ def remove_tree(path: Any) -> None:
         if path.exists():
             path.fs.rm(path.path, recursive=True)
         return
-    import shutil
-
     if path.is_dir():
         shutil.rmtree(path)
     elif path.exists():

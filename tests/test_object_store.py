@@ -22,7 +22,6 @@ import pytest
 from cli_runs import cli_env, embedpipe, output_files
 from tiny_models import build_tiny_bert
 
-pytest.importorskip("s3fs")
 BUCKET = "embedpipe-test"
 
 
