@@ -77,6 +77,9 @@ class EncoderConfig(_Section):
     # Unset: 16384 on a GPU; 2048 on a CPU, where big batches run ~10% slower per token (cache misses).
     max_tokens_per_batch: int | None = Field(default=None, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # On CPU, float32 linear layers on oneDNN with weights packed once (faster than torch's MKL default,
+    # see pipeline/cpu_linear.py); "torch" keeps torch's own kernels. Not used on a GPU.
+    cpu_linear: Literal["onednn", "torch"] = "onednn"
     allow_pickle: bool = False
     trust_remote_code: bool = False
 

@@ -38,6 +38,7 @@ class EmbedSpec:
     padding_side: str
     seq_len: int | None  # stored row width for per-token output (pooling none), else None
     num_threads: int | None = None  # torch CPU threads; None leaves torch's default
+    cpu_linear: str = "onednn"  # "onednn": pack float32 linear layers for oneDNN on CPU; "torch": leave them
 
 
 def embedding_schema(spec: EmbedSpec, dim: int, with_chunk: bool) -> pa.Schema:
@@ -94,19 +95,22 @@ class ShardEncoder:
 
             from pipeline.device import resolve_device
             from pipeline.encode import check_options
+            from pipeline.cpu_linear import pack_linear_layers
             from pipeline.encoders import load_encoder
-
             from pipeline.malloc import keep_freed_memory
 
             if self.spec.num_threads:
                 torch.set_num_threads(self.spec.num_threads)
             keep_freed_memory()
-            self._model = load_encoder(
+            device = resolve_device(self.spec.device)
+            model = load_encoder(
                 self.spec.model_dir, allow_pickle=self.spec.allow_pickle,
-                trust_remote_code=self.spec.trust_remote_code, dtype=self.spec.options.dtype,
-                device=resolve_device(self.spec.device),
+                trust_remote_code=self.spec.trust_remote_code, dtype=self.spec.options.dtype, device=device,
             )
-            check_options(self._model, self.spec.options)
+            check_options(model, self.spec.options)
+            if device.type == "cpu" and self.spec.cpu_linear == "onednn":
+                pack_linear_layers(model)
+            self._model = model
         return self._model
 
     def hidden_size(self) -> int:
@@ -204,4 +208,5 @@ def plan_embed(config: Any, tokenize_spec: Any, device: str, num_threads: int | 
         model_dir=str(model_dir), options=options, device=device,
         allow_pickle=enc.allow_pickle, trust_remote_code=enc.trust_remote_code,
         padding_side=tokenize_spec.padding_side, seq_len=tokenize_spec.fixed_width, num_threads=num_threads,
+        cpu_linear=enc.cpu_linear,
     )

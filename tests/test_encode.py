@@ -20,6 +20,7 @@ import torch  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 import tiny_models  # noqa: E402
+from pipeline.cpu_linear import onednn_linear_available, pack_linear_layers  # noqa: E402
 from pipeline.device import resolve_device  # noqa: E402
 from pipeline.encode import (  # noqa: E402
     EncodeOptions,
@@ -483,3 +484,36 @@ def test_minilm_mean_normalize_equals_sentence_transformers():
     cos = (ours * reference).sum(axis=1)
     assert cos.min() >= FP32_COS, cos.min()
 
+
+
+# -- oneDNN packed linear layers (the CPU default of the embed stage) ------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def packed_models(model_dirs) -> dict[str, torch.nn.Module]:
+    packed = {}
+    for name, path in model_dirs.items():
+        packed[name] = load_encoder(path)
+        assert pack_linear_layers(packed[name]) == {"bert": 13, "clip": 12, "gpt2": 8}[name]  # GPT-2: Conv1D too
+    return packed
+
+
+@pytest.mark.skipif(not onednn_linear_available(), reason="this torch build has no oneDNN linear operators")
+@pytest.mark.parametrize("pooling", POOLINGS)
+def test_packed_linear_layers_give_the_plain_forward_pass(case, pooling, packed_models):
+    model = packed_models[case.name]
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+    for layer, use_mask in [(-1, True), (-2, True), (-1, False)]:
+        ours = encode_rows(model, case.input_ids, case.attention_mask, case.token_type_ids,
+                           EncodeOptions(pooling=pooling, layer=layer, use_attention_mask=use_mask,
+                                         max_tokens_per_batch=96), padding_side=case.padding_side)
+        # the reference is the unpacked model's forward pass of each row alone
+        _assert_rows_close(ours, _reference(case, pooling, layer, use_mask), FP32_COS)
+        _assert_same_up_to_rounding(ours, case.encode(pooling=pooling, layer=layer, use_attention_mask=use_mask,
+                                                      max_tokens_per_batch=96))
+
+
+def test_only_float32_linear_layers_are_packed(model_dirs):
+    half = load_encoder(model_dirs["bert"], dtype=torch.bfloat16)
+    assert pack_linear_layers(half) == 0
+    assert sum(isinstance(m, torch.nn.Linear) for m in half.modules()) == 13
