@@ -26,6 +26,10 @@ Commands (from /work/main, venv active: `. /work/main/.venv/bin/activate`):
     python benchmarks/tokenize_stage.py --mb 5 --only a,b,c          # generates bench-work/corpus-5mb.jsonl
     python benchmarks/tokenize_stage.py --mb 200 --sizes 1000 --repeat 3 --json bench-work/tokenize-200mb.json
 
+Afterwards contenders/tokenizer_floor.py times the tokenizer alone on the same texts
+(in memory, no I/O, all cores): no contender can be faster than that floor, which
+tells whether a throughput target is reachable at all on this machine.
+
 --sizes M[,M2...] afterwards runs ours alone on corpora of M MB (generated with
 /work/shared/tools/make_corpus.py when missing) to show its peak PSS as the
 corpus grows. Targets: ours >= 0.9x (a), >= 1.1x (b), >= 1.6x (c) throughput,
@@ -563,12 +567,32 @@ def versions() -> dict[str, str]:
     return out
 
 
+def tokenizer_floor(corpus: Corpus) -> float:
+    """Seconds the tokenizer alone needs for every text of `corpus` (see contenders/tokenizer_floor.py)."""
+    done = subprocess.run([sys.executable, str(CONTENDERS_DIR / "tokenizer_floor.py"), corpus.path],
+                          env=contender_env(Path(os.devnull)), capture_output=True, text=True, check=True)
+    return float(json.loads(done.stdout.strip().splitlines()[-1])["tokenize_s"])
+
+
+def print_floor(floor_s: float, summary: dict[str, dict[str, Any]]) -> None:
+    """The floor next to the wall time each throughput target asks of ours."""
+    print(f"\ntokenizer alone (texts in memory, no I/O, all cores): {floor_s:.2f} s; no contender can beat it")
+    for c in CONTENDERS:
+        if c.target is not None and "wall_s" in summary.get(c.key, {}):
+            needed = summary[c.key]["wall_s"] / c.target
+            verdict = "below the floor: unreachable here" if needed < floor_s else "above the floor"
+            print(f"  {c.target}x {c.label} asks ours for <= {needed:.2f} s = {needed / floor_s:.2f}x the floor "
+                  f"({verdict})")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     corpus = load_corpus(args.corpus, args.mb, args.workdir)
     print(f"running {', '.join(args.keys)} x{args.repeat} on {corpus.path}", flush=True)
     runs = run_all(args.keys, corpus, args)
     summary = summarize(runs, corpus)
+    print("timing the tokenizer alone", flush=True)
+    floor_s = tokenizer_floor(corpus)
 
     size_rows: list[dict[str, Any]] = []
     if args.size_mbs:
@@ -588,6 +612,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(summary, corpus)
     if size_rows:
         print_sizes(size_rows)
+    print_floor(floor_s, summary)
     print_targets(targets)
     busy = [r for r in runs if r.cpu_busy_before > BUSY_PERCENT]
     if busy:
@@ -597,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         report = {"corpus": asdict(corpus), "cpus": psutil.cpu_count(), "versions": versions(),
-                  "summary": summary, "targets": targets, "sizes": size_rows,
+                  "summary": summary, "tokenizer_floor_s": floor_s, "targets": targets, "sizes": size_rows,
                   "runs": [asdict(r) for r in runs]}
         args.json.write_text(json.dumps(report, indent=2))
         print(f"\nresults written to {args.json}")
