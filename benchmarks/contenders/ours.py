@@ -27,6 +27,9 @@ def command(corpus: Path, outdir: Path) -> list[str]:
         "--set", "tokenizer.padding=max_length",
         "--set", "tokenizer.max_length=128",
         "--set", "ray.num_cpus=2",
+        # The baselines tokenize texts with NUL bytes (a few in the corpus) like any other; by default
+        # embedpipe quarantines them. Keep them, so that every contender writes the same rows.
+        "--set", "input.nul_bytes=keep",
         "--output", str(outdir),
     ]
 
