@@ -93,9 +93,9 @@ class ShardEncoder:
         if self._model is None:
             import torch
 
+            from pipeline.cpu_linear import pack_linear_layers
             from pipeline.device import resolve_device
             from pipeline.encode import check_options
-            from pipeline.cpu_linear import pack_linear_layers
             from pipeline.encoders import load_encoder
             from pipeline.malloc import keep_freed_memory
 

@@ -20,7 +20,7 @@ import torch  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 import tiny_models  # noqa: E402
-from pipeline.cpu_linear import onednn_linear_available, pack_linear_layers  # noqa: E402
+from pipeline.cpu_linear import PackedLinear, onednn_linear_available, pack_linear_layers  # noqa: E402
 from pipeline.device import resolve_device  # noqa: E402
 from pipeline.encode import (  # noqa: E402
     EncodeOptions,
@@ -31,6 +31,7 @@ from pipeline.encode import (  # noqa: E402
     encode_rows,
     plan_batches,
 )
+from pipeline.embed_stage import EmbedSpec, ShardEncoder  # noqa: E402
 from pipeline.encoders import load_encoder, resolve_model_dir  # noqa: E402
 from pipeline.errors import ConfigError  # noqa: E402
 
@@ -485,7 +486,6 @@ def test_minilm_mean_normalize_equals_sentence_transformers():
     assert cos.min() >= FP32_COS, cos.min()
 
 
-
 # -- oneDNN packed linear layers (the CPU default of the embed stage) ------------------------------------------
 
 
@@ -511,6 +511,15 @@ def test_packed_linear_layers_give_the_plain_forward_pass(case, pooling, packed_
         _assert_rows_close(ours, _reference(case, pooling, layer, use_mask), FP32_COS)
         _assert_same_up_to_rounding(ours, case.encode(pooling=pooling, layer=layer, use_attention_mask=use_mask,
                                                       max_tokens_per_batch=96))
+
+
+@pytest.mark.parametrize("cpu_linear,packed", [("onednn", True), ("torch", False)])
+def test_the_encoder_actor_packs_on_cpu_as_configured(model_dirs, cpu_linear, packed):
+    spec = EmbedSpec(model_dir=model_dirs["bert"], options=EncodeOptions(), device="cpu", allow_pickle=False,
+                     trust_remote_code=False, padding_side="right", seq_len=None, cpu_linear=cpu_linear)
+    model = ShardEncoder(spec).model
+    assert any(isinstance(m, PackedLinear) for m in model.modules()) == (packed and onednn_linear_available())
+    assert any(isinstance(m, torch.nn.Linear) for m in model.modules()) == (not packed or not onednn_linear_available())
 
 
 def test_only_float32_linear_layers_are_packed(model_dirs):
