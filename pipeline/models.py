@@ -73,6 +73,32 @@ def _single_type_ids_zero(tokenizer_json: str) -> bool:
     return True
 
 
+# Texts encoded with and without special tokens to see where a post-processor puts its tokens.
+_PROBE_TEXTS = ("a", "Probe text: several words, digits 12 34, and punctuation!")
+
+
+def _special_tokens_around(tokenizer_json: str, add_special_tokens: bool, num_special: int) -> tuple[int, int] | None:
+    """(before, after): the special tokens a post-processor puts around a single sequence's content.
+
+    None when it does anything else to a probe (tokens in the middle, changed content, counts that
+    vary): truncation is then left to the backend, which is always right but slower.
+    """
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_str(tokenizer_json)
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    found = set()
+    for text in _PROBE_TEXTS:
+        content = tokenizer.encode(text, add_special_tokens=False).ids
+        whole = tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        before = next((i for i in range(len(whole) - len(content) + 1) if whole[i:i + len(content)] == content), None)
+        if before is None or len(whole) - len(content) != num_special:
+            return None
+        found.add((before, num_special - before))
+    return found.pop() if len(found) == 1 else None
+
+
 def load_tokenize_spec(config: JobConfig) -> TokenizeSpec:
     """Load the job's tokenizer and resolve every tokenize option, checking them before any work.
 
@@ -132,5 +158,6 @@ def load_tokenize_spec(config: JobConfig) -> TokenizeSpec:
         id_dtype="uint16" if vocab_size <= 2**16 else "int32",
         num_special_tokens=num_special,
         single_type_ids_zero=_single_type_ids_zero(tokenizer_json),
+        special_tokens_around=_special_tokens_around(tokenizer_json, opts.add_special_tokens, num_special),
         vocab_size=vocab_size,
     )

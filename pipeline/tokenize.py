@@ -1,10 +1,13 @@
 """Pure tokenization: texts in, an Arrow table of token rows out.
 
 The Rust ``tokenizers`` backend of the ``transformers`` fast tokenizer does the
-tokenizing and the truncation (so special tokens, truncation sides and
-overflowing windows are exactly the library's); padding is then done here in
-numpy, which is what the backend would do (pad id, type id 0, mask 0, on the
-padding side) without building a Python list per padded position.
+tokenizing (so special tokens are exactly the library's). Truncation: with
+chunking, the backend's own overflowing windows; without, when the
+post-processor only puts special tokens around the text (BERT, RoBERTa, GPT-2,
+CLIP...), whole encodings are cut here the way the backend would cut them, which
+spares it building windows only to count them. Padding is done here in numpy,
+which is what the backend would do (pad id, type id 0, mask 0, on the padding
+side) without building a Python list per padded position.
 """
 
 from __future__ import annotations
@@ -42,6 +45,16 @@ class TokenizeSpec:
     # GPT-2, CLIP...): the type ids are then known without reading them back from each encoding.
     single_type_ids_zero: bool = False
     vocab_size: int = 0  # with added tokens: the encoder's embedding table must be at least this large
+    # (before, after): how many special tokens the post-processor puts around a single sequence, when it
+    # only adds tokens there. Known, a text is encoded whole and its row cut here, which is what the
+    # backend's truncation gives without building the overflowing windows it would then throw away.
+    special_tokens_around: tuple[int, int] | None = None
+
+    @property
+    def cuts_rows_itself(self) -> bool:
+        """Whether truncation is done here on whole encodings rather than by the backend (see above)."""
+        return (self.truncation and self.stride is None and self.special_tokens_around is not None
+                and self.max_length is not None and self.max_length > sum(self.special_tokens_around))
 
     @property
     def fixed_width(self) -> int | None:
@@ -88,7 +101,7 @@ def get_tokenizer(spec: TokenizeSpec) -> Tokenizer:
     """Build the backend tokenizer for ``spec`` once per process, truncation set, padding off."""
     tokenizer = Tokenizer.from_str(spec.tokenizer_json)
     tokenizer.no_padding()
-    if spec.truncation:
+    if spec.truncation and not spec.cuts_rows_itself:
         tokenizer.enable_truncation(
             spec.max_length, stride=spec.stride or 0, strategy="longest_first", direction=spec.truncation_side
         )
@@ -105,10 +118,38 @@ def _overflow_rows(encoding: Encoding, spec: TokenizeSpec) -> tuple[list[Encodin
     return overflow, untruncated
 
 
+def _cut(values: list[int], spec: TokenizeSpec) -> list[int]:
+    """A whole post-processed sequence cut to max_length as the backend truncates: the content is cut on
+    the truncation side and the special tokens around it are kept."""
+    before, after = spec.special_tokens_around
+    keep = spec.max_length - before - after
+    end = len(values) - after
+    content = values[before:before + keep] if spec.truncation_side == "right" else values[end - keep:end]
+    return values[:before] + content + values[end:]
+
+
+def _cut_rows(spec: TokenizeSpec, encodings: list[Encoding]) -> tuple[list[list[int]], list[list[int]] | None,
+                                                                     np.ndarray]:
+    """Ids (and type ids if needed) of whole encodings, cut to max_length; and their untruncated lengths."""
+    id_lists = [e.ids for e in encodings]
+    untruncated = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
+    type_lists = None
+    if spec.with_token_type_ids and not spec.single_type_ids_zero:
+        type_lists = [e.type_ids for e in encodings]
+    for i in np.flatnonzero(untruncated > spec.max_length).tolist():
+        id_lists[i] = _cut(id_lists[i], spec)
+        if type_lists is not None:
+            type_lists[i] = _cut(type_lists[i], spec)
+    return id_lists, type_lists, untruncated
+
+
 def tokenize_texts(spec: TokenizeSpec, ids: list[str], texts: list[str]) -> TokenRows:
     """Tokenize ``texts`` with truncation (and chunking if ``spec.stride`` is set), unpadded."""
     tokenizer = get_tokenizer(spec)
     encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=spec.add_special_tokens)
+    if spec.cuts_rows_itself:
+        id_lists, type_lists, untruncated = _cut_rows(spec, encodings)
+        return _token_rows(spec, list(ids), id_lists, type_lists, None, untruncated)
     untruncated = np.fromiter(map(len, encodings), dtype=np.int64, count=len(encodings))
     rows, row_ids, chunk = encodings, ids, None
     if spec.truncation:
@@ -127,16 +168,23 @@ def tokenize_texts(spec: TokenizeSpec, ids: list[str], texts: list[str]) -> Toke
                 chunks.extend(range(1 + len(extra)))
             chunk = np.asarray(chunks, dtype=np.int32)
     id_lists = [row.ids for row in rows]
+    type_lists = [row.type_ids for row in rows] if spec.with_token_type_ids and not spec.single_type_ids_zero else None
+    return _token_rows(spec, list(row_ids), id_lists, type_lists, chunk, untruncated)
+
+
+def _token_rows(spec: TokenizeSpec, row_ids: list[str], id_lists: list[list[int]], type_lists: list[list[int]] | None,
+                chunk: np.ndarray | None, untruncated: np.ndarray) -> TokenRows:
+    """Flatten per-row id (and type id) lists into a :class:`TokenRows`."""
     lengths = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
     total = int(lengths.sum())
     flat_ids = np.fromiter(chain.from_iterable(id_lists), dtype=spec.id_dtype, count=total)
     flat_type_ids = None
     if spec.with_token_type_ids:
-        if spec.single_type_ids_zero:
+        if type_lists is None:  # single_type_ids_zero
             flat_type_ids = np.zeros(total, dtype=np.int8)
         else:
-            flat_type_ids = np.fromiter(chain.from_iterable(r.type_ids for r in rows), dtype=np.int8, count=total)
-    return TokenRows(list(row_ids), flat_ids, lengths, flat_type_ids, chunk, untruncated)
+            flat_type_ids = np.fromiter(chain.from_iterable(type_lists), dtype=np.int8, count=total)
+    return TokenRows(row_ids, flat_ids, lengths, flat_type_ids, chunk, untruncated)
 
 
 def pad_flat(flat: np.ndarray, lengths: np.ndarray, widths: np.ndarray, pad_value: int, side: str) -> np.ndarray:

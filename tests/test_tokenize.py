@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -66,6 +67,8 @@ def _reference(hf, texts, max_length, options, pad_token=None):
 
 def _check_against_reference(tokenizer_dir, max_length, options, pad_token=None):
     spec = _spec(tokenizer_dir, max_length, pad_token, **options)
+    # Without chunking, rows are cut here from whole encodings; with it, the backend truncates: both are checked.
+    assert spec.cuts_rows_itself == (options["truncation"] and options["stride"] is None)
     ids = [f"row-{i}" for i in range(len(EDGE_TEXTS))]
     rows = tokenize_texts(spec, ids, EDGE_TEXTS)
     table = to_table(spec, rows)
@@ -169,6 +172,26 @@ def test_tokenizer_json_file(minilm_dir):
     assert table.column("input_ids").to_pylist() == hf(["Hello there"], padding="max_length", max_length=16)["input_ids"]
 
 
+def test_special_tokens_around_a_sequence(minilm_dir, bpe_dir, clip_tok_dir):
+    assert _spec(minilm_dir, 16).special_tokens_around == (1, 1)  # [CLS] ... [SEP]
+    assert _spec(minilm_dir, 16, add_special_tokens=False).special_tokens_around == (0, 0)
+    assert _spec(bpe_dir, 16, pad_token="<|endoftext|>").special_tokens_around == (0, 0)  # GPT-2 adds none
+    assert _spec(clip_tok_dir, 16).special_tokens_around == (1, 1)  # <|startoftext|> ... <|endoftext|>
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_rows_cut_here_equal_the_backends_truncation(minilm_dir, side):
+    """The same rows and untruncated lengths whether the backend truncates or rows are cut from whole encodings."""
+    spec = _spec(minilm_dir, 16, truncation_side=side)
+    backend = dataclasses.replace(spec, special_tokens_around=None)
+    assert spec.cuts_rows_itself and not backend.cuts_rows_itself
+    ids = [str(i) for i in range(len(EDGE_TEXTS))]
+    ours, theirs = tokenize_texts(spec, ids, EDGE_TEXTS), tokenize_texts(backend, ids, EDGE_TEXTS)
+    assert to_table(spec, ours).equals(to_table(backend, theirs))
+    assert ours.untruncated.tolist() == theirs.untruncated.tolist()
+    assert max(ours.untruncated) > 16
+
+
 def test_histogram_counts_every_text(minilm_dir):
     spec = _spec(minilm_dir, 16)
     rows: TokenRows = tokenize_texts(spec, ["a", "b", "c"], ["", "short one", "long " * 50])
@@ -195,8 +218,10 @@ def test_type_ids_read_back_when_a_template_sets_them(tmp_path, wordpiece_dir):
                             model_input_names=["input_ids", "token_type_ids", "attention_mask"]).save_pretrained(str(tmp_path))
     spec = _spec(str(tmp_path), 16)
     assert not spec.single_type_ids_zero and _spec(wordpiece_dir, 16).single_type_ids_zero
-    table = to_table(spec, tokenize_texts(spec, ["a"], ["hello world"]))
-    ref = AutoTokenizer.from_pretrained(str(tmp_path))(["hello world"], padding="max_length", max_length=16)
+    texts = ["hello world", "hello world " * 20]  # the second is cut: its type ids are cut with its ids
+    table = to_table(spec, tokenize_texts(spec, ["a", "b"], texts))
+    ref = AutoTokenizer.from_pretrained(str(tmp_path))(texts, padding="max_length", max_length=16, truncation=True)
+    assert table.column("input_ids").to_pylist() == ref["input_ids"]
     assert table.column("token_type_ids").to_pylist() == ref["token_type_ids"]
     assert 1 in ref["token_type_ids"][0]
     assert _json.loads(spec.tokenizer_json)["post_processor"]["type"] == "TemplateProcessing"
