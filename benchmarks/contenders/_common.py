@@ -51,6 +51,14 @@ def load_tokenizer():
     return tok
 
 
+@functools.lru_cache(maxsize=1)
+def hf_tokenizer():
+    """transformers' AutoTokenizer for MiniLM (cached per process), as most pipelines load it."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(minilm_dir()))
+
+
 def encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Token ids (uint16) and attention masks (int8), both shaped (len(texts), MAX_LENGTH)."""
     encodings = load_tokenizer().encode_batch_fast(texts)

@@ -15,7 +15,7 @@ import argparse
 import os
 from pathlib import Path
 
-from _common import MAX_LENGTH, TEXT_COLUMN, minilm_dir
+from _common import MAX_LENGTH, TEXT_COLUMN, hf_tokenizer
 
 NUM_PROC = 2
 BATCH_SIZE = 1000  # datasets' default for batched map
@@ -32,9 +32,8 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     import datasets
-    from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()))
+    tokenizer = hf_tokenizer()
 
     def tokenize(batch: dict) -> dict:
         return tokenizer(batch[TEXT_COLUMN], padding="max_length", max_length=MAX_LENGTH,
