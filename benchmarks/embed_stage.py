@@ -5,8 +5,9 @@
 Steps, each a whole separate process (so start-up and model loading count for everyone):
   1. `embedpipe tokenize` the first --rows rows (MiniLM, max_length 128) into OUT (reported, not compared);
   2. `embedpipe embed` on OUT (the embed stage alone);
-  3. the same on a copy of the tokens with `encoder.cpu_linear: torch` (torch's own MKL kernels instead of
-     oneDNN with packed weights: what the kernel choice is worth by itself);
+  3. the same with `encoder.cpu_linear: torch` (torch's own MKL kernels instead of oneDNN with packed
+     weights: what the kernel choice is worth by itself), on tokens made again into another OUT because the
+     setting is part of the config hash (that tokenize is not timed);
   4. `embedpipe run` into a fresh OUT2 (both stages, overlapping);
   5. SentenceTransformer(minilm).encode(texts, batch_size=32 | 128, normalize_embeddings=True), each in
      its own process (this file with --st-worker), max_seq_length = max_length, on the embed stage's device.

@@ -51,6 +51,11 @@ class TokenizeSpec:
     special_tokens_around: tuple[int, int] | None = None
 
     @property
+    def reads_type_ids(self) -> bool:
+        """Whether type ids must be read back from each encoding (they are stored and not all 0)."""
+        return self.with_token_type_ids and not self.single_type_ids_zero
+
+    @property
     def cuts_rows_itself(self) -> bool:
         """Whether truncation is done here on whole encodings rather than by the backend (see above)."""
         return (self.truncation and self.stride is None and self.special_tokens_around is not None
@@ -133,9 +138,7 @@ def _cut_rows(spec: TokenizeSpec, encodings: list[Encoding]) -> tuple[list[list[
     """Ids (and type ids if needed) of whole encodings, cut to max_length; and their untruncated lengths."""
     id_lists = [e.ids for e in encodings]
     untruncated = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
-    type_lists = None
-    if spec.with_token_type_ids and not spec.single_type_ids_zero:
-        type_lists = [e.type_ids for e in encodings]
+    type_lists = [e.type_ids for e in encodings] if spec.reads_type_ids else None
     for i in np.flatnonzero(untruncated > spec.max_length).tolist():
         id_lists[i] = _cut(id_lists[i], spec)
         if type_lists is not None:
@@ -168,7 +171,7 @@ def tokenize_texts(spec: TokenizeSpec, ids: list[str], texts: list[str]) -> Toke
                 chunks.extend(range(1 + len(extra)))
             chunk = np.asarray(chunks, dtype=np.int32)
     id_lists = [row.ids for row in rows]
-    type_lists = [row.type_ids for row in rows] if spec.with_token_type_ids and not spec.single_type_ids_zero else None
+    type_lists = [row.type_ids for row in rows] if spec.reads_type_ids else None
     return _token_rows(spec, list(row_ids), id_lists, type_lists, chunk, untruncated)
 
 
@@ -180,7 +183,7 @@ def _token_rows(spec: TokenizeSpec, row_ids: list[str], id_lists: list[list[int]
     flat_ids = np.fromiter(chain.from_iterable(id_lists), dtype=spec.id_dtype, count=total)
     flat_type_ids = None
     if spec.with_token_type_ids:
-        if type_lists is None:  # single_type_ids_zero
+        if type_lists is None:  # every type id is 0
             flat_type_ids = np.zeros(total, dtype=np.int8)
         else:
             flat_type_ids = np.fromiter(chain.from_iterable(type_lists), dtype=np.int8, count=total)

@@ -39,9 +39,9 @@ def tokenize_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def tokenize_batch_transformers(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The same with transformers' tokenizer call, as contender (b) makes it."""
-    encoded = _common.hf_tokenizer()(batch[_common.TEXT_COLUMN].tolist(), padding="max_length",
-                             max_length=_common.MAX_LENGTH, truncation=True, return_token_type_ids=False,
-                             return_tensors="np")
+    texts = batch[_common.TEXT_COLUMN].tolist()
+    encoded = _common.hf_tokenizer()(texts, padding="max_length", max_length=_common.MAX_LENGTH, truncation=True,
+                                     return_token_type_ids=False, return_tensors="np")
     return {"id": batch[_common.ID_COLUMN], "input_ids": encoded["input_ids"],
             "attention_mask": encoded["attention_mask"]}
 
