@@ -44,7 +44,7 @@ def st_worker(texts_path: Path, batch_size: int, max_length: int, out_npy: Path,
     started = time.perf_counter()
     from sentence_transformers import SentenceTransformer
 
-    from pipeline.models import resolve_alias
+    from pipeline.tokenize.loading import resolve_alias
 
     model = SentenceTransformer(resolve_alias("minilm"), device=device)
     model.max_seq_length = max_length
@@ -93,7 +93,7 @@ def st_waste(texts: list[str], batch_size: int, max_length: int) -> float:
     """Computed / real tokens of sentence-transformers' batches: sorted by characters, padded per batch."""
     from transformers import AutoTokenizer
 
-    from pipeline.models import resolve_alias
+    from pipeline.tokenize.loading import resolve_alias
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_alias("minilm"))
     lengths = np.array([len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]])
@@ -105,8 +105,8 @@ def st_waste(texts: list[str], batch_size: int, max_length: int) -> float:
 def encoder_flops(lengths: list[np.ndarray], tokens_per_batch: int) -> float:
     """Model FLOPs of the embed stage's batches: per layer and computed token, 2 x (4 d^2 + 2 d ff) for the
     linear layers and 2 x 2 x width x d for attention (scores, weighted sum); embeddings and norms left out."""
-    from pipeline.encode import WIDTH_MULTIPLE, padded_width, plan_batches
-    from pipeline.models import resolve_alias
+    from pipeline.encode.forward import WIDTH_MULTIPLE, padded_width, plan_batches
+    from pipeline.tokenize.loading import resolve_alias
 
     config = json.loads((Path(resolve_alias("minilm")) / "config.json").read_text(encoding="utf-8"))
     d, ff, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
@@ -143,7 +143,7 @@ def main() -> None:
                   args.st_worker[3])
         return
 
-    from pipeline.encode import DEFAULT_TOKENS_PER_BATCH, padding_waste, plan_batches
+    from pipeline.encode.forward import DEFAULT_TOKENS_PER_BATCH, padding_waste, plan_batches
 
     if not args.corpus.exists():  # real-looking text from the docs of this virtualenv's packages
         make_corpus = REPO.parent / "shared" / "tools" / "make_corpus.py"

@@ -8,37 +8,17 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import click
 
 from jobs.display import Progress, setup_logging
+from jobs.exit_codes import errors_to_exit_codes, fail
 from pipeline.errors import ConfigError, InputError, JobFailed, LockHeld
+from pipeline.output.contract import EMBEDDINGS, STAGES, TOKENS
 
 log = logging.getLogger("embedpipe")
-
-EXIT_CODES = {JobFailed: 1, InputError: 1, ConfigError: 2, LockHeld: 3}
-
-
-def _fail(exc: Exception) -> None:
-    code = next(code for kind, code in EXIT_CODES.items() if isinstance(exc, kind))
-    click.echo(f"embedpipe: error: {exc}", err=True)
-    sys.exit(code)
-
-
-@contextmanager
-def _errors_to_exit_codes() -> Iterator[None]:
-    try:
-        yield
-    except (ConfigError, InputError, JobFailed, LockHeld) as exc:
-        _fail(exc)
-    except OSError as exc:  # the driver's own writes: a full disk, a read-only or vanished output directory
-        where = f"{exc.filename}: " if exc.filename else ""
-        _fail(JobFailed(f"{where}{exc.strerror or exc}; committed shards are kept, rerun the same command "
-                        "once the cause is fixed"))
-
 
 def _job_options(func: Callable[..., Any]) -> Callable[..., Any]:
     options = [
@@ -80,15 +60,15 @@ def _summary(result: Any) -> str:
     return line + f"; {result.seconds:.1f} s, {totals.get('rows', 0) / seconds:,.0f} rows/s"
 
 
-def _run_stages(stages: tuple[str, ...], config: str, overrides: tuple[str, ...], output: str | None,
+def _run_stages(stages: tuple[str, ...], *, config: str, overrides: tuple[str, ...], output: str | None,
                 address: str | None, force: bool, progress: bool | None, log_format: str, log_level: str) -> None:
     from pipeline.config import load_config
-    from pipeline.manifest import now
-    from pipeline.run import run_job
+    from pipeline.output.manifest import now
+    from pipeline.run.driver import run_job
 
     setup_logging(log_format, log_level)
     started, since = time.monotonic(), now()
-    with _errors_to_exit_codes():
+    with errors_to_exit_codes():
         if address:
             overrides = (*overrides, f"ray.address={address}")
         job = load_config(config, list(overrides), output)
@@ -99,11 +79,11 @@ def _run_stages(stages: tuple[str, ...], config: str, overrides: tuple[str, ...]
     except (JobFailed, InputError, OSError) as exc:
         display.close()
         _write_report(job.output.path, command, 1, str(exc), started, since)
-        with _errors_to_exit_codes():
+        with errors_to_exit_codes():
             raise
     except (ConfigError, LockHeld) as exc:  # nothing ran (and a locked OUT is another job's to write)
         display.close()
-        _fail(exc)
+        fail(exc)
     display.close()
     for stage in stages:
         click.echo(_summary(results[stage]))
@@ -116,15 +96,14 @@ def _run_stages(stages: tuple[str, ...], config: str, overrides: tuple[str, ...]
 
 def _write_report(out_dir: str, command: str, exit_status: int, error: str | None, started: float,
                   since: str) -> None:
-    from pipeline.report import build_run_report, summary_line, write_run_report
-    from pipeline.storage import output_path
+    from pipeline.output.manifest import load_manifest
+    from pipeline.run.report import build_run_report, summary_line, write_run_report
 
-    out = output_path(out_dir)
-    if not (out / "manifest.json").exists():
+    if load_manifest(out_dir) is None:
         return  # the job stopped before it wrote anything
-    report = build_run_report(out, command, exit_status, error, time.monotonic() - started, since)
+    report = build_run_report(out_dir, command, exit_status, error, time.monotonic() - started, since)
     try:
-        path = write_run_report(out, report)
+        path = write_run_report(out_dir, report)
     except OSError as exc:  # a full disk must not hide the job's own outcome
         log.error("could not write the run report: %s", exc)
         return
@@ -138,37 +117,28 @@ def main() -> None:
     """embedpipe: turn a text corpus into sharded Arrow token and embedding datasets."""
 
 
-@main.command()
-@_job_options
-def tokenize(config: str, overrides: tuple[str, ...], output: str | None, address: str | None, force: bool,
-             progress: bool | None, log_format: str, log_level: str) -> None:
-    """Run the tokenize stage: corpus -> OUT/tokens.
-
-    Example: embedpipe tokenize conf/default.yaml --set tokenizer.max_length=128 -o out/demo
-    """
-    _run_stages(("tokens",), config, overrides, output, address, force, progress, log_format, log_level)
-
-
-@main.command()
-@_job_options
-def embed(config: str, overrides: tuple[str, ...], output: str | None, address: str | None, force: bool,
-          progress: bool | None, log_format: str, log_level: str) -> None:
-    """Run the embed stage on an existing, complete OUT/tokens: -> OUT/embeddings.
-
-    Example: embedpipe embed conf/default.yaml -o out/default
-    """
-    _run_stages(("embeddings",), config, overrides, output, address, force, progress, log_format, log_level)
+# The three stage commands: (name, stages run, what it does, example), one table.
+STAGE_COMMANDS = [
+    ("tokenize", (TOKENS,), "Run the tokenize stage: corpus -> OUT/tokens.",
+     "embedpipe tokenize conf/default.yaml --set tokenizer.max_length=128 -o out/demo"),
+    ("embed", (EMBEDDINGS,), "Run the embed stage on an existing, complete OUT/tokens: -> OUT/embeddings.",
+     "embedpipe embed conf/default.yaml -o out/default"),
+    ("run", STAGES, "Run both stages, overlapping: each token shard is embedded as soon as it is committed.",
+     "embedpipe run conf/default.yaml -o out/default"),
+]
 
 
-@main.command()
-@_job_options
-def run(config: str, overrides: tuple[str, ...], output: str | None, address: str | None, force: bool,
-        progress: bool | None, log_format: str, log_level: str) -> None:
-    """Run both stages, overlapping: each token shard is embedded as soon as it is committed.
+def _stage_command(name: str, stages: tuple[str, ...], summary: str, example: str) -> click.Command:
+    def command(**options: Any) -> None:
+        _run_stages(stages, **options)
 
-    Example: embedpipe run conf/default.yaml -o out/default
-    """
-    _run_stages(("tokens", "embeddings"), config, overrides, output, address, force, progress, log_format, log_level)
+    command.__doc__ = f"{summary}\n\n    Example: {example}\n    "
+    command.__name__ = name
+    return main.command(name=name)(_job_options(command))
+
+
+for _row in STAGE_COMMANDS:
+    _stage_command(*_row)
 
 
 @main.command()
@@ -188,20 +158,20 @@ def plan(config: str, overrides: tuple[str, ...], output: str | None, stages: st
     import json
 
     from pipeline.config import load_config
-    from pipeline.preview import check_stages, format_preview, preview_job
+    from pipeline.ops.preview import check_stages, format_preview, preview_job
 
-    with _errors_to_exit_codes():
+    with errors_to_exit_codes():
         job = load_config(config, list(overrides), output)
         preview = preview_job(job, check_stages(stages))
     click.echo(json.dumps(preview.to_json(), indent=1) if as_json else format_preview(preview))
 
 
 def _existing_output(out: str) -> Any:
-    from pipeline.storage import output_path
+    from pipeline.output.storage import output_path
 
     path = output_path(out)
     if not path.is_dir():
-        _fail(ConfigError(f"{out}: no such output directory"))
+        fail(ConfigError(f"{out}: no such output directory"))
     return path
 
 
@@ -215,9 +185,9 @@ def status(out: str, as_json: bool) -> None:
     """
     import json
 
-    from pipeline.status import format_status, output_status
+    from pipeline.ops.status import format_status, output_status
 
-    with _errors_to_exit_codes():
+    with errors_to_exit_codes():
         result = output_status(_existing_output(out))
     click.echo(json.dumps(result.to_json(), indent=1) if as_json else format_status(result))
 
@@ -233,9 +203,9 @@ def verify(out: str, as_json: bool) -> None:
     """
     import json
 
-    from pipeline.verify import verify_output
+    from pipeline.ops.verify import verify_output
 
-    with _errors_to_exit_codes():
+    with errors_to_exit_codes():
         result = verify_output(_existing_output(out))
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=1))

@@ -1,6 +1,6 @@
 """``embedpipe inspect`` and ``embedpipe plot``: a look inside an output, and a picture of its embeddings.
 
-Registered into the ``embedpipe`` group by jobs/cli.py. The libraries (pipeline.inspect, pipeline.plot,
+Registered into the ``embedpipe`` group by jobs/cli.py. The libraries (pipeline.ops.inspect, pipeline.ops.plot,
 and through them torch and matplotlib) are imported only when a command runs, so ``embedpipe --help``
 stays fast.
 """
@@ -9,26 +9,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import click
 
-from pipeline.errors import ConfigError, InputError
-
-
-@contextmanager
-def _exit_codes() -> Iterator[None]:
-    # Same mapping as jobs.cli (ConfigError -> 2); not imported from there, which imports this module.
-    try:
-        yield
-    except ConfigError as exc:
-        click.echo(f"embedpipe: error: {exc}", err=True)
-        sys.exit(2)
-    except InputError as exc:
-        click.echo(f"embedpipe: error: {exc}", err=True)
-        sys.exit(1)
+from jobs.exit_codes import errors_to_exit_codes
 
 
 def _terminal_width() -> int:
@@ -53,9 +37,9 @@ def inspect(path: str, rows: int, as_json: bool) -> None:
               embedpipe inspect out/default/tokens/data-00000-of-00004.arrow --rows 2
               embedpipe inspect out/default/embeddings --json
     """
-    from pipeline.inspect import format_report, inspect_path
+    from pipeline.ops.inspect import format_report, inspect_path
 
-    with _exit_codes():
+    with errors_to_exit_codes():
         report = inspect_path(path, rows=rows)
     if as_json:
         click.echo(json.dumps(report, ensure_ascii=False, indent=1))
@@ -84,9 +68,9 @@ def plot(out_dir: str, out_path: str, sample: int, color_by: str | None, seed: i
     \b
     Example: embedpipe plot out/default --out pca.png --color-by source --sample 3000
     """
-    from pipeline.plot import plot_embeddings
+    from pipeline.ops.plot import plot_embeddings
 
-    with _exit_codes():
+    with errors_to_exit_codes():
         result = plot_embeddings(out_dir, out_path, sample=sample, seed=seed, color_by=color_by, labels=labels)
     for note in result.notes:
         click.echo(f"embedpipe: note: {note}", err=True)

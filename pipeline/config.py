@@ -78,7 +78,7 @@ class EncoderConfig(_Section):
     max_tokens_per_batch: int | None = Field(default=None, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # On CPU, float32 linear layers on oneDNN with weights packed once (faster than torch's MKL default,
-    # see pipeline/cpu_linear.py); "torch" keeps torch's own kernels. Not used on a GPU.
+    # see pipeline/encode/cpu_linear.py); "torch" keeps torch's own kernels. Not used on a GPU.
     cpu_linear: Literal["onednn", "torch"] = "onednn"
     allow_pickle: bool = False
     trust_remote_code: bool = False
@@ -104,6 +104,16 @@ class JobConfig(_Section):
         """Hash of every setting that changes the output (not where it goes, not the cluster)."""
         relevant = self.model_dump(mode="json", exclude={"ray": True, "output": {"path"}})
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+    def stage_hashes(self) -> dict[str, str]:
+        """Per stage, a hash of the settings its shards depend on: a changed encoder setting changes only
+        ``embeddings``; anything the tokens depend on (input, shard size, tokenizer) changes both."""
+        tokens = self.model_dump(mode="json", exclude={"ray": True, "output": {"path"}, "encoder": True})
+        if self.tokenizer.name is None:  # the tokenizer is the encoder's own
+            tokens["encoder_model"] = self.encoder.model
+        digest = hashlib.sha256(json.dumps(tokens, sort_keys=True).encode()).hexdigest()
+        encoder = json.dumps(self.encoder.model_dump(mode="json"), sort_keys=True)
+        return {"tokens": digest, "embeddings": hashlib.sha256((digest + encoder).encode()).hexdigest()}
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -30,7 +30,7 @@ def ray_cluster():
 
 @pytest.fixture(scope="session")
 def minilm_dir() -> str:
-    from pipeline.models import resolve_alias
+    from pipeline.tokenize.loading import resolve_alias
 
     return resolve_alias("minilm")
 

@@ -18,8 +18,8 @@ import ray
 from ray.cluster_utils import Cluster
 
 from pipeline.config import validate_config
-from pipeline.manifest import load_manifest
-from pipeline.run import run_job
+from pipeline.output.manifest import load_manifest
+from pipeline.run.driver import run_job
 
 
 class _RetryCounter(logging.Handler):

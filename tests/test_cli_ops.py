@@ -78,6 +78,31 @@ def test_plan_writes_nothing_and_predicts_the_run(setup, tmp_path):
     assert [u["shard"] for u in preview["units"]] == sorted(manifest(out)["stages"]["tokens"]["shards"])
 
 
+def test_plan_and_status_predict_what_run_redoes_on_a_damaged_output(setup, tmp_path):
+    out = tmp_path / "out"
+    assert embedpipe("run", setup["config"], "-o", str(out), "--no-progress").returncode == 0
+    undisturbed = {stage: digests(out / stage) for stage in ("tokens", "embeddings")}
+    damaged = sorted(undisturbed["tokens"])[2]
+    shard = out / "tokens" / damaged
+    data = bytearray(shard.read_bytes())
+    data[-9] ^= 0xFF  # same size, other bytes: only a checksum tells
+    shard.write_bytes(bytes(data))
+    # the embedding shard made from the damaged token shard is still intact, yet it must be redone too
+    preview = json.loads(embedpipe("plan", setup["config"], "-o", str(out), "--json").stdout)
+    assert preview["would_skip"] == {"tokens": 4, "embeddings": 4}, preview["rerun"]
+    done = embedpipe("run", setup["config"], "-o", str(out), "--no-progress")
+    assert done.returncode == 0, done.stderr
+    assert "tokens: 5 shards" in done.stdout and done.stdout.count("(4 already done)") == 2, done.stdout
+    assert {stage: digests(out / stage) for stage in ("tokens", "embeddings")} == undisturbed
+    # status (sizes only) cannot see a same-size edit, but does see an embedding made from another token shard
+    (out / "tokens" / damaged).unlink()
+    status = json.loads(embedpipe("status", str(out), "--json").stdout)
+    by_stage = {s["stage"]: s for s in status["stages"]}
+    assert by_stage["tokens"]["damaged"] == [damaged] and by_stage["embeddings"]["damaged"] == [damaged]
+    preview = json.loads(embedpipe("plan", setup["config"], "-o", str(out), "--json").stdout)
+    assert preview["would_skip"] == {"tokens": 4, "embeddings": 4}
+
+
 def test_json_logs_and_the_run_report_agree_with_the_manifest(setup, tmp_path):
     out = tmp_path / "out"
     done = embedpipe("run", setup["config"], "-o", str(out), "--no-progress", "--log-format", "json")

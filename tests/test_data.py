@@ -32,8 +32,8 @@ from pipeline.data import (
     read_table,
 )
 from pipeline.data.batch import INLINE_BYTES, Batch
-from pipeline.run import run_job
-from pipeline.shards import read_shard
+from pipeline.run.driver import run_job
+from pipeline.output.shards import read_shard
 from tiny_models import build_tiny_clip_text
 
 REPO = Path(__file__).resolve().parent.parent

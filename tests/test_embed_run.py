@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from pipeline.config import validate_config
-from pipeline.encode import arrow_to_tensor
+from pipeline.data.reader import arrow_to_tensor
 from pipeline.errors import ConfigError
-from pipeline.run import run_job
-from pipeline.shards import read_shard
+from pipeline.run.driver import run_job
+from pipeline.output.shards import read_shard
 from tiny_models import build_tiny_clip_text, build_tiny_gpt2
 
 TEXTS = [

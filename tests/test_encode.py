@@ -20,19 +20,13 @@ import torch  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 import tiny_models  # noqa: E402
-from pipeline.cpu_linear import PackedLinear, onednn_linear_available, pack_linear_layers  # noqa: E402
-from pipeline.device import resolve_device  # noqa: E402
-from pipeline.encode import (  # noqa: E402
-    EncodeOptions,
-    arrow_to_tensor,
-    count_nonfinite,
-    embedding_arrow_field,
-    embeddings_to_arrow,
-    encode_rows,
-    plan_batches,
-)
-from pipeline.embed_stage import EmbedSpec, ShardEncoder  # noqa: E402
-from pipeline.encoders import load_encoder, resolve_model_dir  # noqa: E402
+from pipeline.encode.cpu_linear import PackedLinear, onednn_linear_available, pack_linear_layers  # noqa: E402
+from pipeline.encode.device import resolve_device  # noqa: E402
+from pipeline.data.reader import arrow_to_tensor  # noqa: E402
+from pipeline.encode.forward import EncodeOptions, encode_rows, plan_batches  # noqa: E402
+from pipeline.encode.models import load_encoder, resolve_model_dir  # noqa: E402
+from pipeline.encode.stage import EmbedSpec, ShardEncoder  # noqa: E402
+from pipeline.output.embedding_format import count_nonfinite, embedding_arrow_field, embeddings_to_arrow  # noqa: E402
 from pipeline.errors import ConfigError  # noqa: E402
 
 TEXTS = [
@@ -516,7 +510,7 @@ def test_packed_linear_layers_give_the_plain_forward_pass(case, pooling, packed_
 @pytest.mark.parametrize("cpu_linear,packed", [("onednn", True), ("torch", False)])
 def test_the_encoder_actor_packs_on_cpu_as_configured(model_dirs, cpu_linear, packed):
     spec = EmbedSpec(model_dir=model_dirs["bert"], options=EncodeOptions(), device="cpu", allow_pickle=False,
-                     trust_remote_code=False, padding_side="right", seq_len=None, cpu_linear=cpu_linear)
+                     trust_remote_code=False, padding_side="right", seq_len=None, hidden_size=32, cpu_linear=cpu_linear)
     model = ShardEncoder(spec).model
     assert any(isinstance(m, PackedLinear) for m in model.modules()) == (packed and onednn_linear_available())
     assert any(isinstance(m, torch.nn.Linear) for m in model.modules()) == (not packed or not onednn_linear_available())

@@ -17,11 +17,11 @@ from conftest import REPO
 from jobs.ops_commands import inspect as inspect_command
 from jobs.ops_commands import plot as plot_command
 from pipeline.config import validate_config
-from pipeline.encode import arrow_to_tensor
-from pipeline.inspect import display_width, fit, inspect_path
-from pipeline.plot import Fonts, label_text, load_sample, pca_2d, spread_order
-from pipeline.run import run_job
-from pipeline.shards import read_shard
+from pipeline.data.reader import arrow_to_tensor
+from pipeline.ops.inspect import display_width, fit, inspect_path
+from pipeline.ops.plot import Fonts, label_text, load_sample, pca_2d, spread_order
+from pipeline.run.driver import run_job
+from pipeline.output.shards import read_shard
 
 ENGLISH = ["A cat sits on the mat.", "Tokenizers turn text into numbers.", "The quick brown fox jumps.",
            "Embeddings place similar sentences close together.", "Short."]

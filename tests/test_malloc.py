@@ -1,11 +1,11 @@
-"""pipeline.malloc: freed activation-sized blocks stay in the heap instead of being faulted in again."""
+"""pipeline.encode.malloc: freed activation-sized blocks stay in the heap instead of being faulted in again."""
 
 import subprocess
 import sys
 
 PROBE = """
 import resource, numpy as np
-from pipeline.malloc import keep_freed_memory
+from pipeline.encode.malloc import keep_freed_memory
 tuned = {tuned} and keep_freed_memory()
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -172,7 +172,7 @@ def test_a_rerun_on_s3_redoes_only_missing_or_damaged_objects(job, s3):
 
 
 def test_one_job_per_s3_output_and_a_dead_holders_lease_is_taken_over(job, s3):
-    from pipeline.lock import LockInfo, lock_holder, output_lock
+    from pipeline.output.lock import LockInfo, lock_holder, output_lock
 
     url, lock_key = f"s3://{BUCKET}/locked", f"{BUCKET}/locked/.lock"
     with output_lock(url, command="test"):

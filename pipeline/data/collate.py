@@ -23,7 +23,7 @@ from pipeline.data.columns import Ragged, segment_indices
 from pipeline.data.layout import DataError
 from pipeline.data.padding import token_padding
 from pipeline.data.reader import Format, OutputReader, to_tensor
-from pipeline.tokenize import pad_flat
+from pipeline.tokenize.core import pad_flat
 
 POSITION_COLUMNS = ("input_ids", "attention_mask", "token_type_ids")
 

@@ -17,9 +17,9 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.data.layout import DataError
+from pipeline.output.contract import DTYPE_METADATA_KEY
 
 Kind = Literal["fixed", "ragged", "string"]
-DTYPE_METADATA_KEY = b"embedpipe.dtype"  # as pipeline.encode writes it (not imported: it imports torch models)
 
 
 @dataclass(frozen=True)

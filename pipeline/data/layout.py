@@ -17,9 +17,7 @@ import fsspec
 import pyarrow as pa
 
 from pipeline.errors import EmbedpipeError
-
-STAGES = ("tokens", "embeddings")
-MANIFEST_NAME = "manifest.json"
+from pipeline.output.contract import MANIFEST_NAME, STAGES
 
 
 class DataError(EmbedpipeError):

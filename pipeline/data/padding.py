@@ -58,7 +58,7 @@ def _from_data(reader: OutputReader) -> tuple[str, int] | None:
 
 def _from_tokenizer(manifest: dict[str, Any], root: str) -> tuple[str, int | None]:
     # The job's own loader (aliases, local directories, tokenizer.json files), so names mean the same here.
-    from pipeline.models import _load_hf_tokenizer
+    from pipeline.tokenize.loading import _load_hf_tokenizer
 
     config = manifest.get("config", {})
     options = config.get("tokenizer", {})

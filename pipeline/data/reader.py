@@ -7,11 +7,13 @@ from collections import OrderedDict
 from typing import Any, Literal
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from pipeline.data.batch import Batch
 from pipeline.data.columns import Column, ColumnSpec, Ragged, ShardReader, select_columns
 from pipeline.data.layout import DataError, Output, filesystem, open_output, shard_buffer
+from pipeline.output.embedding_format import arrow_to_numpy, field_dims
 
 Format = Literal["torch", "numpy"]
 TokenDtype = Literal["int64", "stored"]
@@ -133,3 +135,12 @@ def to_tensor(array: np.ndarray, stored: str | None = None) -> torch.Tensor:
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         tensor = torch.from_numpy(array)
     return tensor.view(torch.bfloat16) if stored == "bfloat16" else tensor
+
+
+def arrow_to_tensor(array: pa.Array | pa.ChunkedArray, field: pa.Field) -> torch.Tensor:
+    """An embedding column as a (N, D) or (N, L, D) tensor of its stored dtype (bfloat16 decoded as bfloat16).
+
+    A single chunk is not copied: the tensor shares the Arrow buffer, which is read-only (do not write to it).
+    """
+    _, stored = field_dims(field)
+    return to_tensor(arrow_to_numpy(array, field), stored)

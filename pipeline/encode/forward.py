@@ -1,0 +1,375 @@
+"""Token rows in, embeddings out: batching by token budget, the forward pass, pooling and output dtypes.
+
+What a row's embedding is (DESIGN.md "Encoding semantics"):
+
+- With ``use_attention_mask`` (the default) a row's embedding is that of a plain forward pass of the
+  row's real tokens alone. Rows are sorted by length and cut into batches of at most
+  ``max_tokens_per_batch`` padded tokens; each batch is computed at its own longest row rounded up to
+  a multiple of 8, never over the stored padding. Left-padded rows get position ids counted from
+  their first real token (as Hugging Face generation does), so neither the padding side nor the
+  batch's width moves a row's positions.
+- Without the mask (Stable Diffusion 1.x runs CLIP this way) the model sees the stored row as it is,
+  padding included, with default positions; every batch is then computed at the full stored width.
+- Pooling always reads the stored mask to know which tokens are real: ``mean`` averages them,
+  ``cls`` takes the first, ``last`` the last (right or left padding). ``none`` keeps every position:
+  padded positions hold zeros when the mask is used (a batch is not computed out to the stored width,
+  and a left pad has nothing to attend to), and the computed hidden states of the pad tokens when it
+  is not.
+- ``layer``: -1 the last layer, -2 the penultimate ("clip skip"), 0 the embedding layer's output
+  (for CLIP and GPT-2 token plus position embeddings). ``final_layer_norm`` applies the norm that
+  CLIP (``final_layer_norm``) and GPT-2 (``ln_f``) run after their last layer. Default (``None``):
+  applied to the output of any transformer layer, not to layer 0. So layer -1 is the model's
+  ``last_hidden_state`` (what SD 1.x feeds its UNet), and layer -2 is
+  ``final_layer_norm(hidden_states[-2])``: diffusers' ``clip_skip=1``, the "CLIP skip: 2" of the
+  popular UIs. ``final_layer_norm: false`` with layer -2 gives the raw penultimate layer, which is
+  what SDXL uses. BERT has no final norm (each layer ends in its own LayerNorm).
+- Unpadded rows (a list of 1-D arrays, from ``padding: none``) are all real tokens; the padding
+  embedpipe adds to batch them is always masked, whatever ``use_attention_mask`` says.
+- A row with no real token (an empty text without special tokens) embeds as zeros.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.encode.device import prefetch_to_device, release_after_oom
+from pipeline.encode.models import family_of, final_norm, num_layers, position_limit
+from pipeline.errors import ConfigError
+from pipeline.output.embedding_format import NUMPY_DTYPES, OutputDtype
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from pipeline.config import EncoderConfig
+
+Pooling = Literal["mean", "cls", "last", "none"]
+TORCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Padded tokens per forward pass when encoder.max_tokens_per_batch is unset. On CPU a 16k-token
+# batch of MiniLM ran ~10% slower per token than 2k-token batches (measured on 2 cores).
+DEFAULT_TOKENS_PER_BATCH = {"cuda": 16_384, "cpu": 2_048}
+WIDTH_MULTIPLE = 8  # batch widths rounded up to a multiple of 8 suit tensor-core tiles
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    """How token rows become embeddings (the ``encoder`` config section minus model and device)."""
+
+    pooling: Pooling = "mean"
+    layer: int = -1
+    final_layer_norm: bool | None = None
+    normalize: bool = False
+    use_attention_mask: bool = True
+    dtype: torch.dtype = torch.float32
+    output_dtype: OutputDtype = "float32"
+    max_tokens_per_batch: int = 16_384
+
+    @classmethod
+    def from_config(cls, encoder: EncoderConfig, device: str = "cuda") -> EncodeOptions:
+        """The options of a validated ``encoder`` config section, for ``device`` ("cpu" or "cuda")."""
+        return cls(
+            pooling=encoder.pooling, layer=encoder.layer, final_layer_norm=encoder.final_layer_norm,
+            normalize=encoder.normalize, use_attention_mask=encoder.use_attention_mask,
+            dtype=TORCH_DTYPES[encoder.dtype], output_dtype=encoder.output_dtype,
+            max_tokens_per_batch=encoder.max_tokens_per_batch or DEFAULT_TOKENS_PER_BATCH[device],
+        )
+
+
+@dataclass(frozen=True)
+class _Forward:
+    """The options resolved against one model."""
+
+    layer: int  # index into hidden_states: 0 = embeddings, num_layers = last layer
+    last: int
+    norm: torch.nn.Module | None  # the final norm, if the model has one
+    apply_norm: bool
+    token_type_ids: bool
+    options: EncodeOptions
+
+
+def _resolve(model: torch.nn.Module, options: EncodeOptions) -> _Forward:
+    check_options(model, options)
+    last = num_layers(model)
+    layer = options.layer if options.layer >= 0 else last + 1 + options.layer
+    norm = final_norm(model)
+    apply_norm = options.final_layer_norm if options.final_layer_norm is not None else (layer > 0 and norm is not None)
+    return _Forward(layer, last, norm, apply_norm, family_of(model).token_type_ids, options)
+
+
+def check_options(model: torch.nn.Module, options: EncodeOptions) -> None:
+    """Check the options against the loaded model, before any work.
+
+    Raises:
+        ConfigError: an unknown pooling or output dtype, a layer the model does not have, a final layer norm
+            the model does not have, a non-positive token budget, or a model loaded in another dtype.
+    """
+    if options.pooling not in ("mean", "cls", "last", "none"):
+        raise ConfigError(f"encoder.pooling: {options.pooling!r} is not one of mean, cls, last, none")
+    if options.output_dtype not in NUMPY_DTYPES:
+        raise ConfigError(f"encoder.output_dtype: {options.output_dtype!r} is not one of {', '.join(NUMPY_DTYPES)}")
+    if options.max_tokens_per_batch <= 0:
+        raise ConfigError(f"encoder.max_tokens_per_batch: must be positive, got {options.max_tokens_per_batch}")
+    layers = num_layers(model)
+    if not -(layers + 1) <= options.layer <= layers:
+        raise ConfigError(
+            f"encoder.layer: {options.layer} is out of range for a model with {layers} layers "
+            f"(allowed {-(layers + 1)}..{layers}; -1 is the last layer, 0 the embeddings)"
+        )
+    if options.final_layer_norm and final_norm(model) is None:
+        raise ConfigError(f"encoder.final_layer_norm: a {model.config.model_type} model has no final layer norm")
+    model_dtype = next(model.parameters()).dtype
+    if model_dtype != options.dtype:
+        raise ConfigError(f"encoder.dtype: the model was loaded as {model_dtype}, the options ask for {options.dtype}")
+
+
+def padded_width(length: int, multiple: int = WIDTH_MULTIPLE, max_width: int | None = None) -> int:
+    """A batch's width for its longest row: rounded up to ``multiple``, capped at ``max_width`` (never below it)."""
+    width = -(-max(length, 1) // multiple) * multiple
+    return width if max_width is None else max(length, min(width, max_width))
+
+
+# A batch moves on to the next padded width once it holds this many rows: narrower batches waste
+# less padding, and past a few dozen rows a bigger batch barely speeds up a forward pass.
+MIN_ROWS_BEFORE_WIDER = 32
+
+
+def plan_batches(
+    lengths: np.ndarray, max_tokens_per_batch: int, multiple: int = WIDTH_MULTIPLE, max_width: int | None = None,
+    min_rows_before_wider: int = MIN_ROWS_BEFORE_WIDER,
+) -> list[np.ndarray]:
+    """Cut rows into batches of at most ``max_tokens_per_batch`` padded tokens, shortest rows first.
+
+    Rows are sorted by length (stably: ties keep their row order). A batch grows while
+    ``rows * padded_width(longest)`` stays within the budget, and stops at a wider padded width once
+    it holds ``min_rows_before_wider`` rows, so that short rows are not padded to their longer
+    neighbours' width. A row too long for the budget alone gets a batch of its own. Returns the row
+    indices of each batch.
+    """
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    batches, start, batch_width = [], 0, 0
+    for i, row in enumerate(order):
+        width = padded_width(int(lengths[row]), multiple, max_width)
+        rows = i - start
+        over_budget = rows and (rows + 1) * width > max_tokens_per_batch
+        wider = rows >= min_rows_before_wider and width > batch_width
+        if over_budget or wider:
+            batches.append(order[start:i])
+            start = i
+        batch_width = width
+    if len(order):
+        batches.append(order[start:])
+    return batches
+
+
+def padding_waste(lengths: np.ndarray, batches: list[np.ndarray], multiple: int = WIDTH_MULTIPLE,
+                  max_width: int | None = None) -> float:
+    """Computed tokens / real tokens for a batch plan (1.0: no padding computed)."""
+    computed = sum(len(b) * padded_width(int(lengths[b].max()), multiple, max_width) for b in batches if len(b))
+    return computed / max(int(np.asarray(lengths).sum()), 1)
+
+
+class _Rows:
+    """Token rows as stored: an (N, L) matrix with its mask, or a list of unpadded 1-D rows."""
+
+    def __init__(self, input_ids, attention_mask, token_type_ids, padding_side: str, full_width: bool) -> None:
+        if padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left', not {padding_side!r}")
+        self.padded = isinstance(input_ids, np.ndarray) and input_ids.ndim == 2
+        if not self.padded and attention_mask is not None:
+            raise ValueError("unpadded rows (a list of 1-D arrays) take no attention_mask: every token is real")
+        self.ids, self.mask, self.type_ids = input_ids, attention_mask, token_type_ids
+        self.left = self.padded and padding_side == "left"
+        if self.padded:
+            self.width = input_ids.shape[1]
+            n = len(input_ids)
+            self.lengths = (np.full(n, self.width) if attention_mask is None
+                            else attention_mask.sum(axis=1, dtype=np.int64))
+            if attention_mask is not None:
+                self._check_padding_side()
+        else:
+            self.lengths = np.array([len(row) for row in input_ids], dtype=np.int64)
+            self.width = int(self.lengths.max(initial=0))
+        # Without the mask the model must see the stored padding, so every batch spans the stored width.
+        self.full_width = full_width and self.padded
+
+    def _check_padding_side(self) -> None:
+        # Batches are cut out of the real-token side: a mask padded on the other side would lose tokens.
+        positions = np.arange(self.width)
+        if self.left:
+            expected = positions >= self.width - self.lengths[:, None]
+        else:
+            expected = positions < self.lengths[:, None]
+        bad = np.flatnonzero((self.mask.astype(bool) != expected).any(axis=1))
+        if len(bad):
+            side = "left" if self.left else "right"
+            raise ValueError(f"row {bad[0]}: its attention mask is not {side}-padded (real tokens then padding "
+                             f"on the {side}); is padding_side right?")
+
+    def compute_lengths(self) -> np.ndarray:
+        return np.full(len(self.lengths), self.width) if self.full_width else self.lengths
+
+    def gather(self, rows: np.ndarray, width: int) -> dict[str, torch.Tensor]:
+        """The rows' ids, mask and type ids at ``width`` columns (int64, as embedding lookups need)."""
+        if not self.padded:
+            return self._gather_unpadded(rows, width)
+        cols = slice(self.width - width, None) if self.left else slice(0, width)
+        batch = {"input_ids": self.ids[rows, cols]}
+        batch["mask"] = np.ones_like(batch["input_ids"]) if self.mask is None else self.mask[rows, cols]
+        if self.type_ids is not None:
+            batch["token_type_ids"] = self.type_ids[rows, cols]
+        return {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.int64)) for k, v in batch.items()}
+
+    def _gather_unpadded(self, rows: np.ndarray, width: int) -> dict[str, torch.Tensor]:
+        ids = np.zeros((len(rows), width), dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        type_ids = None if self.type_ids is None else np.zeros((len(rows), width), dtype=np.int64)
+        for i, row in enumerate(rows):
+            n = self.lengths[row]
+            ids[i, :n], mask[i, :n] = self.ids[row], 1
+            if type_ids is not None:
+                type_ids[i, :n] = self.type_ids[row]
+        batch = {"input_ids": ids, "mask": mask} | ({} if type_ids is None else {"token_type_ids": type_ids})
+        return {k: torch.from_numpy(v) for k, v in batch.items()}
+
+
+def encode_rows(
+    model: torch.nn.Module,
+    input_ids: np.ndarray | Sequence[np.ndarray],
+    attention_mask: np.ndarray | None = None,
+    token_type_ids: np.ndarray | Sequence[np.ndarray] | None = None,
+    options: EncodeOptions = EncodeOptions(),  # noqa: B008 - frozen, so sharing the default is safe
+    *,
+    padding_side: Literal["right", "left"] = "right",
+    device: torch.device | str | None = None,
+) -> np.ndarray:
+    """Embed token rows, in their original order.
+
+    Args:
+        model: an encoder from :func:`pipeline.encode.models.load_encoder`, already on ``device``.
+        input_ids: an (N, L) matrix of stored rows, or a list of N unpadded 1-D rows.
+        attention_mask: (N, L), 1 for real tokens; None when every token is real (and for unpadded rows).
+        token_type_ids: like ``input_ids``; used by BERT-family models only.
+        options: pooling, layer, dtypes and token budget.
+        padding_side: the side the stored rows are padded on.
+        device: where to compute; by default the model's device.
+
+    Returns:
+        (N, D) for pooled output, or (N, L, D) for pooling ``none`` (L the stored width; for unpadded rows
+        the longest row), of the numpy dtype for ``options.output_dtype`` (bfloat16 as uint16 bit patterns).
+
+    Raises:
+        ConfigError: the options do not fit the model (see :func:`check_options`).
+        torch.OutOfMemoryError: a single row does not fit on the device.
+    """
+    forward = _resolve(model, options)
+    rows = _Rows(input_ids, attention_mask, token_type_ids, padding_side,
+                 full_width=not options.use_attention_mask)
+    cap = min(rows.width, position_limit(model)) if rows.padded else position_limit(model)
+    lengths = rows.compute_lengths()
+    dim = int(model.config.hidden_size)
+    shape = (len(lengths), rows.width, dim) if options.pooling == "none" else (len(lengths), dim)
+    out = np.zeros(shape, dtype=NUMPY_DTYPES[options.output_dtype])
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+
+    def host_batches():
+        for batch_rows in plan_batches(lengths, options.max_tokens_per_batch, WIDTH_MULTIPLE, cap):
+            width = padded_width(int(lengths[batch_rows].max()), WIDTH_MULTIPLE, cap)
+            yield batch_rows, rows.gather(batch_rows, width)
+
+    with torch.inference_mode():
+        for batch_rows, batch in prefetch_to_device(host_batches(), device):
+            embeddings = to_output(_encode_with_backoff(model, batch, forward, rows, device), options.output_dtype)
+            _scatter(out, batch_rows, embeddings, rows.left)
+    return out
+
+
+def _scatter(out: np.ndarray, batch_rows: np.ndarray, embeddings: np.ndarray, left: bool) -> None:
+    if out.ndim == 2:
+        out[batch_rows] = embeddings
+        return
+    width = min(embeddings.shape[1], out.shape[1])  # unpadded rows: the batch may be wider than the longest row
+    if left:
+        out[batch_rows, out.shape[1] - width:] = embeddings[:, embeddings.shape[1] - width:]
+    else:
+        out[batch_rows, :width] = embeddings[:, :width]
+
+
+def _encode_with_backoff(model, batch: dict[str, torch.Tensor], forward: _Forward, rows: _Rows,
+                         device: torch.device) -> torch.Tensor:
+    """Encode a device batch; on out-of-memory split it in two halves by rows and retry, down to one row."""
+    try:
+        return _encode_batch(model, batch, forward, rows)
+    except torch.OutOfMemoryError:
+        if len(batch["input_ids"]) == 1:
+            raise
+    # Retry outside the except block, so the failed attempt's frames (and their tensors) are released first.
+    release_after_oom(device)
+    half = len(batch["input_ids"]) // 2
+    halves = ({k: v[:half] for k, v in batch.items()}, {k: v[half:] for k, v in batch.items()})
+    return torch.cat([_encode_with_backoff(model, part, forward, rows, device) for part in halves])
+
+
+def _encode_batch(model, batch: dict[str, torch.Tensor], forward: _Forward, rows: _Rows) -> torch.Tensor:
+    options, full_width = forward.options, rows.full_width
+    mask = batch["mask"]
+    inputs = {"input_ids": batch["input_ids"]}
+    if not full_width:  # the model sees the mask, or only padding embedpipe added to unpadded rows
+        inputs["attention_mask"] = mask
+        if rows.left:  # count positions from each row's first real token, as HF generation does
+            inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+    if forward.token_type_ids and "token_type_ids" in batch:
+        inputs["token_type_ids"] = batch["token_type_ids"]
+    hidden = _hidden_states(model, inputs, forward).float()
+    keep = mask.bool()
+    if options.pooling == "none":
+        pooled = hidden if full_width else hidden.masked_fill(~keep[..., None], 0.0)
+    else:
+        pooled = pool(hidden, keep, options.pooling)
+    return F.normalize(pooled, dim=-1) if options.normalize else pooled
+
+
+def _hidden_states(model, inputs: dict[str, torch.Tensor], forward: _Forward) -> torch.Tensor:
+    """The chosen layer's hidden states, with the final norm applied or not as asked."""
+    if forward.layer < forward.last:
+        hidden = model(**inputs, output_hidden_states=True).hidden_states[forward.layer]
+        return forward.norm(hidden) if forward.apply_norm else hidden
+    if forward.norm is None or forward.apply_norm:
+        return model(**inputs).last_hidden_state
+    # The last layer before the final norm: GPT-2 does not expose it (its hidden_states[-1] is normed).
+    captured: list[torch.Tensor] = []
+    handle = forward.norm.register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
+    try:
+        model(**inputs)
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+def pool(hidden: torch.Tensor, keep: torch.Tensor, pooling: Pooling) -> torch.Tensor:
+    """Pool (B, W, D) hidden states over the real positions ``keep`` (B, W); rows with none pool to zeros."""
+    any_real = keep.any(dim=1, keepdim=True)
+    if pooling == "mean":
+        # masked_fill, not a multiply: a NaN at a padded position must not leak into the sum.
+        summed = hidden.masked_fill(~keep[..., None], 0.0).sum(dim=1)
+        return summed / keep.sum(dim=1, keepdim=True).clamp(min=1)
+    width = keep.shape[1]
+    if pooling == "cls":
+        position = keep.int().argmax(dim=1)
+    elif pooling == "last":
+        position = width - 1 - keep.flip(1).int().argmax(dim=1)
+    else:
+        raise ValueError(f"pooling {pooling!r} does not reduce over positions")
+    picked = hidden[torch.arange(len(hidden), device=hidden.device), position]
+    return picked.masked_fill(~any_real, 0.0)
+
+
+def to_output(embeddings: torch.Tensor, output_dtype: OutputDtype) -> np.ndarray:
+    """Embeddings as a numpy array of the stored dtype; bfloat16 as its uint16 bit pattern."""
+    tensor = embeddings.detach().to(TORCH_DTYPES[output_dtype])
+    if output_dtype == "bfloat16":
+        return tensor.view(torch.int16).cpu().numpy().view(np.uint16)
+    return tensor.cpu().numpy()

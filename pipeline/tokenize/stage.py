@@ -1,0 +1,93 @@
+"""One work unit of the tokenize stage, start to finish, without Ray.
+
+read the unit's rows -> tokenize -> pad -> commit ``tokens/<shard>`` and, when
+rows were rejected, ``quarantine/tokens-<shard>.jsonl``; return a report that
+the driver records in the manifest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline.faults import fault_point
+from pipeline.inputs.plan import WorkUnit
+from pipeline.inputs.sources import LINE_FORMATS, BadRow, RowBatch, TextRules, read_columnar_rows, read_line_rows
+from pipeline.output.shards import write_jsonl, write_shard
+from pipeline.output.storage import output_path
+from pipeline.tokenize.core import TokenizeSpec, TokenRows, length_histogram, to_table, tokenize_texts
+
+# Texts handed to the tokenizer at once: bounds the Rust encodings alive at a time.
+BATCH_ROWS = 1024
+
+
+@dataclass(frozen=True)
+class ReadSpec:
+    """How to read rows out of input files (from ``input.*``)."""
+
+    text_column: str
+    id_column: str | None
+    rules: TextRules = TextRules()
+
+
+def read_unit(unit: WorkUnit, read: ReadSpec) -> Iterator[RowBatch]:
+    """Iterate the unit's rows in batches (good rows and bad rows apart)."""
+    if unit.file.format in LINE_FORMATS:
+        return read_line_rows(unit.file, unit.first_row, unit.num_rows, unit.byte_start, unit.byte_stop,
+                              read.text_column, read.id_column, BATCH_ROWS, read.rules)
+    return read_columnar_rows(unit.file, unit.first_row, unit.num_rows, read.text_column, read.id_column, BATCH_ROWS,
+                              read.rules)
+
+
+def tokenize_unit(unit: WorkUnit, read: ReadSpec,
+                  spec: TokenizeSpec) -> tuple[Any, TokenRows, list[BadRow], int]:
+    """Tokenize every good row of a unit; returns (Arrow table, unpadded rows, bad rows, blank JSONL lines)."""
+    parts: list[TokenRows] = []
+    bad: list[BadRow] = []
+    blank = 0
+    for batch in read_unit(unit, read):
+        bad.extend(batch.bad)
+        blank += batch.blank
+        if batch.texts:
+            parts.append(tokenize_texts(spec, batch.ids, batch.texts))
+    if not parts:
+        parts.append(tokenize_texts(spec, [], []))
+    rows = TokenRows.concat(parts)
+    return to_table(spec, rows), rows, bad, blank
+
+
+def run_unit(unit: WorkUnit, name: str, read: ReadSpec, spec: TokenizeSpec, out_dir: str) -> dict[str, Any]:
+    """Tokenize one unit and commit its shard ``tokens/<name>`` (and quarantine file); return the shard's report."""
+    table, rows, bad, blank = tokenize_unit(unit, read, spec)
+    fault_point("tokenize.before_commit")
+    out = output_path(out_dir)
+    committed = write_shard(table, out / "tokens" / name)
+    quarantine_file = None
+    if bad:
+        records = [b.to_json() | {"stage": "tokenize", "shard": name} for b in bad]
+        quarantine_file = f"tokens-{name[:-len('.arrow')]}.jsonl"
+        write_jsonl(records, out / "quarantine" / quarantine_file)
+    fault_point("tokenize.after_commit")
+    truncated = int(np.count_nonzero(rows.untruncated > (spec.max_length or 0))) if spec.truncation else 0
+    return {
+        "name": name,
+        "unit": unit.index,
+        "source": unit.describe(),
+        # Blank JSONL lines are not rows: rows_in + blank_lines = the unit's lines, rows_in = texts + quarantined.
+        "rows_in": unit.num_rows - blank,
+        "blank_lines": blank,
+        "rows": table.num_rows,
+        "texts": len(rows.untruncated),
+        "quarantined": len(bad),
+        "quarantine_file": quarantine_file,
+        "tokens": int(rows.lengths.sum()),
+        "untruncated_tokens": int(rows.untruncated.sum()),
+        "truncated_rows": truncated,
+        "length_histogram": length_histogram(spec, rows.untruncated),
+        "bytes": committed.bytes,
+        "sha256": committed.sha256,
+    }
+
