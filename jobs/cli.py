@@ -15,8 +15,9 @@ import click
 
 from jobs.display import Progress, setup_logging
 from jobs.exit_codes import errors_to_exit_codes, fail
-from pipeline.errors import ConfigError, InputError, JobFailed, LockHeld
+from pipeline.errors import ConfigError, InputError, Interrupted, JobFailed, LockHeld
 from pipeline.output.contract import EMBEDDINGS, STAGES, TOKENS
+from pipeline.run.stopping import DEFAULT_GRACE
 
 log = logging.getLogger("embedpipe")
 
@@ -30,7 +31,12 @@ def _job_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--address", envvar="RAY_ADDRESS",
                      help="Ray cluster to run on, e.g. ray://head:10001 or auto (overrides ray.address). "
                           "Env: RAY_ADDRESS. Unset: start a local cluster."),
-        click.option("--force", is_flag=True, help="Start over when OUT holds a different job's output."),
+        click.option("--force", is_flag=True,
+                     help="Redo the stages whose settings or input changed, removing only embedpipe's own files."),
+        click.option("--grace", type=click.FloatRange(min=0), default=DEFAULT_GRACE, show_default=True,
+                     envvar="EMBEDPIPE_GRACE",
+                     help="Seconds to let shards in flight finish after SIGTERM/SIGINT before stopping "
+                          "(exit 143/130; a rerun resumes). Env: EMBEDPIPE_GRACE."),
         click.option("--progress/--no-progress", default=None, envvar="EMBEDPIPE_PROGRESS",
                      help="Live progress bars (default: on when stderr is a terminal; else plain log lines)."),
         click.option("--log-format", type=click.Choice(["human", "json"]), default="human",
@@ -61,7 +67,8 @@ def _summary(result: Any) -> str:
 
 
 def _run_stages(stages: tuple[str, ...], *, config: str, overrides: tuple[str, ...], output: str | None,
-                address: str | None, force: bool, progress: bool | None, log_format: str, log_level: str) -> None:
+                address: str | None, force: bool, grace: float, progress: bool | None, log_format: str,
+                log_level: str) -> None:
     from pipeline.config import load_config
     from pipeline.output.manifest import now
     from pipeline.run.driver import run_job
@@ -75,7 +82,12 @@ def _run_stages(stages: tuple[str, ...], *, config: str, overrides: tuple[str, .
     display = Progress(progress)
     command = " ".join(["embedpipe", *sys.argv[1:]])
     try:
-        results = run_job(job, stages=stages, force=force, progress=display)
+        results = run_job(job, stages=stages, force=force, progress=display, grace=grace)
+    except Interrupted as exc:  # a signal: what was committed stays; the manifest says interrupted
+        display.close()
+        _write_report(job.output.path, command, 128 + exc.signum, str(exc), started, since)
+        click.echo(f"embedpipe: {exc}", err=True)
+        sys.exit(128 + exc.signum)
     except (JobFailed, InputError, OSError) as exc:
         display.close()
         _write_report(job.output.path, command, 1, str(exc), started, since)

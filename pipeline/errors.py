@@ -25,3 +25,11 @@ class JobFailed(EmbedpipeError):
 
 class LockHeld(EmbedpipeError):
     """Another live job holds the output directory."""
+
+
+class Interrupted(EmbedpipeError):
+    """The job was stopped by a signal (SIGTERM, SIGINT); what was committed stays, a rerun resumes."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum

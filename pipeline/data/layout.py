@@ -94,6 +94,7 @@ def _check_status(root: str, manifest: dict[str, Any], stage: str, allow_incompl
     what = {
         "running": "is still running (or its job stopped before finishing): wait for it, or rerun the job",
         "failed": "failed: rerun the job to finish it",
+        "interrupted": "was interrupted (SIGTERM or SIGINT): rerun the job to finish it",
     }.get(status, "has not started: run the job")
     raise StageIncomplete(
         f"{_join(root, stage)}: the {stage} stage {what}; {done} of {total} shards are committed. "

@@ -19,7 +19,7 @@ from typing import Any
 
 from pipeline.config import JobConfig
 from pipeline.encode.stage import EmbedSpec, ShardEncoder, embedding_schema, plan_embed
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, Interrupted
 from pipeline.faults import fault_point
 from pipeline.inputs.plan import WorkUnit
 from pipeline.inputs.sources import TextRules, check_columns, discover
@@ -32,6 +32,7 @@ from pipeline.output.storage import output_path
 from pipeline.run.increments import plan_job
 from pipeline.run.job_record import JobRecord, ProgressCallback, StageResult
 from pipeline.run.report import peak_rss_mb
+from pipeline.run.stopping import DEFAULT_GRACE, StopRequest, install, stop_on_signals
 from pipeline.tokenize.core import TokenizeSpec, token_schema
 from pipeline.tokenize.loading import load_tokenize_spec
 from pipeline.tokenize.stage import ReadSpec, run_unit
@@ -112,13 +113,21 @@ def _cluster_info() -> dict[str, Any]:
 
 
 def run_job(config: JobConfig, *, stages: tuple[str, ...] = STAGES, force: bool = False,
-            progress: ProgressCallback | None = None) -> dict[str, StageResult]:
+            progress: ProgressCallback | None = None, grace: float = DEFAULT_GRACE) -> dict[str, StageResult]:
     """Run ``stages`` of the job (tokenize, embed, or both overlapping) and return each stage's result.
 
     Raises:
         ConfigError: bad settings or inputs found before any work (exit 2 in the CLI).
         JobFailed: a unit or shard failed, or too many rows were quarantined (exit 1).
+        Interrupted: SIGTERM or SIGINT came; in-flight shards were given ``grace`` seconds (see
+            :mod:`pipeline.run.stopping`).
     """
+    with stop_on_signals(grace) as stop:
+        return _run_job(config, stages, force, progress, stop)
+
+
+def _run_job(config: JobConfig, stages: tuple[str, ...], force: bool, progress: ProgressCallback | None,
+             stop: StopRequest) -> dict[str, StageResult]:
     started = time.monotonic()
     out_dir = output_path(config.output.path)
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -140,13 +149,15 @@ def run_job(config: JobConfig, *, stages: tuple[str, ...] = STAGES, force: bool 
                          len(plan.increment["files"]), plan.increment["units"], plan.increment["first_unit"],
                          extra={"fields": {"event": "increment", **plan.increment}})
             with ray_session(config):
+                install(stop)  # again: ray.init may set handlers of its own
                 spec = spec_future.result()
                 # Every check that can refuse the job runs before the output is touched (--force deletes).
                 encoders = _plan_encoders(config, spec) if EMBEDDINGS in stages else None
                 fresh = new_manifest(config, files, plan.units, spec.tokenizer_sha256, plan.names)
+                stop.check()  # nothing touched yet
                 manifest = prepare_output(out_dir, fresh, force, plan.increment, stages)
                 record = JobRecord(manifest, out_dir, len(plan.units), started)
-                return _Job(config, spec, plan.units, plan.names, record, encoders, progress).run(stages)
+                return _Job(config, spec, plan.units, plan.names, record, encoders, progress, stop).run(stages)
 
 
 def run_tokenize(config: JobConfig, *, force: bool = False, progress: ProgressCallback | None = None) -> StageResult:
@@ -193,10 +204,11 @@ class _Job:
     """One run of the driver: schedules the tasks and actors, and tells the job record what they committed."""
 
     def __init__(self, config: JobConfig, spec: TokenizeSpec, units: list[WorkUnit], names: list[str],
-                 record: JobRecord, encoders: _Encoders | None, progress: ProgressCallback | None) -> None:
+                 record: JobRecord, encoders: _Encoders | None, progress: ProgressCallback | None,
+                 stop: StopRequest) -> None:
         self.config, self.spec, self.units = config, spec, units
         self.names = dict(zip((u.index for u in units), names))
-        self.record, self.encoders, self.progress = record, encoders, progress
+        self.record, self.encoders, self.progress, self.stop = record, encoders, progress, stop
         self.out_dir = record.out_dir
         self.failures: list[str] = []
         self.attempts: dict[tuple[str, Any], int] = {}
@@ -225,6 +237,9 @@ class _Job:
         record.start_run(stages, _cluster_info())
         try:
             self._execute(unit_todo, resume.embed_todo, stages, skipped)
+        except Interrupted:
+            record.interrupt(max(self.peak_rss, peak_rss_mb()))
+            raise
         finally:
             record.save(force=True)
         return self._finish(stages, skipped)
@@ -252,6 +267,11 @@ class _Job:
         actors, loading = self._start_encoders() if "embeddings" in stages else ([], [])
         load = {i: 0 for i in range(len(actors))}
         while queue or token_refs or waiting_shards or embed_refs:
+            if self.stop.requested:  # submit nothing more; let what is in flight finish within the grace period
+                queue.clear()
+                waiting_shards.clear()
+                if not (token_refs or embed_refs) or self.stop.out_of_time():
+                    raise self.stop.error(self.record.committed_summary())
             submit_tokenize()
             while waiting_shards and actors and min(load.values()) < _SHARDS_PER_ACTOR:
                 actor = min(load, key=load.get)
@@ -259,7 +279,8 @@ class _Job:
                 embed_refs[actors[actor].embed_shard.remote(str(self.out_dir), name)] = (actor, actors[actor], name)
                 load[actor] += 1
             # Model loads first: a load that failed on bad settings must surface as such, not as a shard error.
-            ready, _ = ray.wait([*loading, *token_refs, *embed_refs], num_returns=1)
+            # A timeout, so that a signal is seen within half a second however long the shards take.
+            ready, _ = ray.wait([*loading, *token_refs, *embed_refs], num_returns=1, timeout=0.5)
             for ref in ready:
                 if ref in loading:
                     loading.remove(ref)
@@ -284,6 +305,8 @@ class _Job:
                     elif report:
                         self._record("embeddings", name, report, skipped.get("embeddings", 0))
             self.record.save()
+        if self.stop.requested:  # the last shards in flight finished within the grace period
+            raise self.stop.error(self.record.committed_summary())
         for ref in loading:  # no shard was left to embed before these models finished loading
             self._loaded(ref)
 
@@ -311,16 +334,20 @@ class _Job:
 
     def _collect(self, ref: Any, what: str, key: tuple[str, Any]) -> dict[str, Any] | object | None:
         """The task's report; ``_RETRY`` after a system failure (a process or node lost) with attempts left;
-        None after a failure that is recorded for the end of the job (bad data, or attempts used up)."""
+        None after a failure that is recorded for the end of the job (bad data, or attempts used up), or
+        any failure while the job is stopping (a worker that died with the signal is abandoned)."""
         import ray
 
         try:
             return ray.get(ref)
-        except ray.exceptions.RayTaskError as exc:  # the task itself raised: not retried blindly
-            cause = exc.cause or exc
-            self.failures.append(f"{what}: {type(cause).__name__}: {cause}")
-        except ray.exceptions.RayError as exc:  # the process or node running it was lost
-            self.attempts[key] = self.attempts.get(key, 0) + 1
+        except ray.exceptions.RayError as exc:
+            if self.stop.requested:
+                return None
+            if isinstance(exc, ray.exceptions.RayTaskError):  # the task itself raised: not retried blindly
+                cause = exc.cause or exc
+                self.failures.append(f"{what}: {type(cause).__name__}: {cause}")
+                return None
+            self.attempts[key] = self.attempts.get(key, 0) + 1  # the process or node running it was lost
             if self.attempts[key] <= _DRIVER_RETRIES:
                 log.warning("%s: %s; trying again (%d of %d)", what, type(exc).__name__,
                             self.attempts[key], _DRIVER_RETRIES)

@@ -181,6 +181,21 @@ class JobRecord:
         self.save(force=True)
         return JobFailed(message)
 
+    def interrupt(self, peak_rss_mb: float) -> None:
+        """Mark the running stages and the job interrupted (by a signal) and save: a rerun resumes."""
+        self.close_run("interrupted", peak_rss_mb)
+        for stage in self.manifest["stages"].values():
+            if stage.get("status") == "running":
+                stage["status"] = "interrupted"
+        self.manifest["status"] = "interrupted"
+        self.save(force=True)
+
+    def committed_summary(self) -> str:
+        """``tokens 3/8, embeddings 1/8 shards committed``: for the line a stopped job prints."""
+        parts = [f"{s} {len(self.stage(s)['shards'])}/{self.shards_planned}" for s in STAGES
+                 if s in self.manifest["stages"]]
+        return ", ".join(parts) + " shards committed"
+
     def count(self, stages: tuple[str, ...]) -> None:
         """Recompute the totals of the stages run from their committed shards."""
         for stage in dict.fromkeys((TOKENS, *stages)):
