@@ -87,4 +87,6 @@ def count_nonfinite(embeddings: np.ndarray, output_dtype: OutputDtype) -> np.nda
         bad = (embeddings & exponent) == exponent
     else:
         bad = ~np.isfinite(embeddings)
+    if not len(embeddings):  # a shard whose rows were all quarantined (numpy cannot infer -1 next to 0)
+        return np.zeros(0, np.int64)
     return bad.reshape(len(embeddings), -1).sum(axis=1)

@@ -19,6 +19,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from pipeline.errors import InputError
 from pipeline.faults import fault_point
 from pipeline.output.contract import DATASET_INFO_NAME, DATASET_STATE_NAME, STAGING_DIR
 from pipeline.output.storage import is_remote, output_path, put_object
@@ -122,14 +123,22 @@ def read_shard(path: Path | str) -> pa.Table:
 
 
 def read_shard_and_sha256(path: Path | str, checksum: bool = True) -> tuple[pa.Table, str | None]:
-    """Read a whole shard and (with ``checksum``) the sha256 of its bytes, fetching a remote shard once."""
+    """Read a whole shard and (with ``checksum``) the sha256 of its bytes, fetching a remote shard once.
+
+    Raises:
+        InputError: the file is not a readable Arrow IPC stream (damaged or truncated).
+    """
     path = output_path(path)
-    if is_remote(path):
-        data = path.read_bytes()
-        digest = hashlib.sha256(data).hexdigest() if checksum else None
-        return pa.ipc.open_stream(pa.py_buffer(data)).read_all(), digest
-    with pa.memory_map(str(path)) as source:
-        table = pa.ipc.open_stream(source).read_all()
+    try:
+        if is_remote(path):
+            data = path.read_bytes()
+            digest = hashlib.sha256(data).hexdigest() if checksum else None
+            return pa.ipc.open_stream(pa.py_buffer(data)).read_all(), digest
+        with pa.memory_map(str(path)) as source:
+            table = pa.ipc.open_stream(source).read_all()
+    except pa.ArrowInvalid as exc:
+        raise InputError(f"{path}: not a readable Arrow shard ({exc}); it is damaged: `embedpipe verify` "
+                         "lists such shards and a rerun of the job redoes them") from None
     return table, file_sha256(path) if checksum else None
 
 
