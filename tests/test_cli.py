@@ -6,7 +6,6 @@ import json
 
 import datasets
 import pytest
-
 from cli_runs import REPO, embedpipe
 from cli_runs import digests as _digests
 
@@ -105,3 +104,52 @@ def test_cuda_without_gpu_exits_2_before_any_work(tmp_path):
     assert done.returncode == 2
     assert "encoder.device: 'cuda'" in done.stderr
     assert not (tmp_path / "o" / "tokens").exists()
+
+
+def test_environment_variables_of_the_cron_recipes_and_status_interrupted(tmp_path):
+    """EMBEDPIPE_OUTPUT, EMBEDPIPE_LOG_FORMAT, EMBEDPIPE_LOG_LEVEL and EMBEDPIPE_PROGRESS stand in for their options
+    (the README's cron and systemd recipes set them, not flags); and ``status`` calls a manifest left "running"
+    with no live lock holder "interrupted" (a job that died), but "running" while a live process holds the lock."""
+    from cli_runs import cli_env, manifest
+
+    from pipeline.output.lock import output_lock
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"row {i} " + "word " * (i % 11)}) + "\n" for i in range(90)))
+    args = ("tokenize", "conf/default.yaml", "--set", f"input.path={corpus}", "--set", "input.id_column=null",
+            "--set", "output.shard_rows=30")
+
+    # JSON log lines at debug level, no bars (plain progress lines instead), into EMBEDPIPE_OUTPUT: no -o.
+    quiet = tmp_path / "json-debug"
+    done = embedpipe(*args, env=cli_env(EMBEDPIPE_OUTPUT=str(quiet), EMBEDPIPE_LOG_FORMAT="json",
+                                        EMBEDPIPE_LOG_LEVEL="debug", EMBEDPIPE_PROGRESS="false"))
+    assert done.returncode == 0, done.stderr
+    assert f"tokens: 3 shards in {quiet}/tokens" in done.stdout
+    assert manifest(quiet)["status"] == "complete" and len(list((quiet / "tokens").glob("*.arrow"))) == 3
+    entries = [json.loads(line) for line in done.stderr.splitlines() if line.strip()]  # every line is JSON
+    levels = {e["level"] for e in entries}
+    assert "debug" in levels and "info" in levels
+    assert sum("committed" in e["message"] for e in entries if e["level"] == "debug") == 3  # one per shard
+    assert any(e.get("event") == "progress" for e in entries)  # progress as log lines, not bars
+    assert "%|" not in done.stderr and "shard/s" not in done.stderr  # no tqdm bar
+
+    # Bars although stderr is a pipe, and nothing below warning: neither info nor debug lines, no JSON.
+    bars = tmp_path / "bars-warning"
+    done = embedpipe(*args, env=cli_env(EMBEDPIPE_OUTPUT=str(bars), EMBEDPIPE_LOG_LEVEL="warning",
+                                        EMBEDPIPE_PROGRESS="true"))
+    assert done.returncode == 0, done.stderr
+    assert f"tokens: 3 shards in {bars}/tokens" in done.stdout and manifest(bars)["status"] == "complete"
+    assert "tokenize: 100%|" in done.stderr and "| 3/3 [" in done.stderr and "shard/s" in done.stderr  # tqdm's bar
+    assert " INFO " not in done.stderr and " DEBUG " not in done.stderr and "committed" not in done.stderr
+    assert not any(line.startswith("{") for line in done.stderr.splitlines())
+
+    # A job that died while running: the manifest still says running, and nobody holds the lock.
+    record = manifest(quiet)
+    record["status"] = "running"
+    (quiet / "manifest.json").write_text(json.dumps(record))
+    status = embedpipe("status", str(quiet))
+    assert status.returncode == 0, status.stderr
+    assert status.stdout.splitlines()[0].startswith(f"{quiet}: job interrupted") and "lock: free" in status.stdout
+    with output_lock(quiet, command="test"):
+        held = embedpipe("status", str(quiet), "--json")
+    assert json.loads(held.stdout)["job_status"] == "running", held.stdout

@@ -28,8 +28,10 @@ def test_unknown_keys_and_bad_values_name_the_key():
         validate_config({})
     with pytest.raises(ConfigError, match=r"stride.*truncation"):
         validate_config({"input": {"path": "a"}, "tokenizer": {"stride": 4, "truncation": False}})
-    with pytest.raises(ConfigError, match=r"--set tokenizer: expected dotted.key=value|tokenizer"):
+    with pytest.raises(ConfigError, match=r"^--set 'tokenizer': expected dotted\.key=value$"):
         apply_overrides({}, ["tokenizer"])
+    with pytest.raises(ConfigError, match=r"^--set '=3': expected dotted\.key=value$"):
+        apply_overrides({}, ["=3"])
 
 
 def test_load_config_from_yaml_and_output_override(tmp_path):

@@ -10,13 +10,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from tiny_models import build_tiny_clip_text, build_tiny_gpt2
 
 from pipeline.config import validate_config
 from pipeline.data.reader import arrow_to_tensor
 from pipeline.errors import ConfigError
-from pipeline.run.driver import run_job
 from pipeline.output.shards import read_shard
-from tiny_models import build_tiny_clip_text, build_tiny_gpt2
+from pipeline.run.driver import run_job
 
 TEXTS = [
     "A cat sits on the mat.", "", "Tokenizers and encoders turn text into vectors.",
@@ -91,7 +91,34 @@ def test_embed_alone_after_tokenize_and_budget_does_not_change_rows(ray_cluster,
     np.testing.assert_allclose(emb_a, emb_c, atol=1e-6)
 
 
+def _per_token_rows(out: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(input_ids (N, L), lengths (N,), stored embeddings widened to float32 (N, L, D)) over every shard, in order."""
+    ids, lengths, embeddings = [], [], []
+    for shard in sorted((out / "tokens").glob("*.arrow")):
+        tokens, table = read_shard(shard), read_shard(out / "embeddings" / shard.name)
+        assert tokens.column("id") == table.column("id")
+        ids.append(np.stack(tokens.column("input_ids").to_numpy(zero_copy_only=False)).astype(np.int64))
+        lengths.append(tokens.column("length").to_numpy())
+        embeddings.append(arrow_to_tensor(table.column("embedding"), table.schema.field("embedding")).float().numpy())
+    return np.concatenate(ids), np.concatenate(lengths), np.concatenate(embeddings)
+
+
+def _cosines(got: np.ndarray, want: np.ndarray) -> np.ndarray:
+    """Cosine of each position's vector (a zero vector against a non-zero one counts as 0)."""
+    norms = np.linalg.norm(got, axis=-1) * np.linalg.norm(want, axis=-1)
+    return np.where(norms > 0, (got * want).sum(-1) / np.where(norms > 0, norms, 1), 0.0)
+
+
 def test_per_token_clip_output_and_bfloat16(ray_cluster, tmp_path):
+    """SD 1.x: CLIP's text encoder run without the attention mask, every one of the 77 positions kept.
+
+    Each row must equal an unmasked ``CLIPTextModel`` forward of the stored row, padding included: its
+    ``last_hidden_state``. CLIP is causal, so with right padding the real positions do not see the pads
+    either way; the pad positions are what the mask changes (computed states unmasked, zeros masked).
+    Computed in float32, stored as bfloat16: cosine >= 0.999 per row per position (half precision).
+    """
+    from transformers import CLIPTextModel
+
     clip = build_tiny_clip_text(tmp_path / "clip")
     out = tmp_path / "out"
     config = _config(_corpus(tmp_path), out,
@@ -108,6 +135,53 @@ def test_per_token_clip_output_and_bfloat16(ray_cluster, tmp_path):
     stored = table.column("embedding").combine_chunks().flatten().flatten().to_numpy()
     assert np.array_equal(tensor.view(torch.int16).numpy().reshape(-1).view(np.uint16), stored)
     assert pa.types.is_fixed_size_list(field.type.value_type)
+
+    input_ids, lengths, got = _per_token_rows(out)
+    assert len(got) == len(TEXTS) and (lengths < 77).any()  # some rows are padded: the mask would matter
+    model = CLIPTextModel.from_pretrained(str(clip)).eval()
+    with torch.inference_mode():
+        want = np.stack([model(input_ids=torch.from_numpy(row[None])).last_hidden_state[0].numpy() for row in input_ids])
+    cosine = _cosines(got, want)
+    assert cosine.min() >= 0.999, np.unravel_index(cosine.argmin(), cosine.shape)
+    np.testing.assert_allclose(got, want, rtol=2 ** -7, atol=2e-3)  # bfloat16 keeps 8 significant bits
+
+
+def test_per_token_clip_with_mask_layer_norm_and_compute_dtype_from_the_config(ray_cluster, tmp_path):
+    """SDXL-style settings, all from the config: the mask on, the penultimate layer without the final layer
+    norm, computed in bfloat16, stored as float32. Each row equals a masked forward of its real tokens alone
+    (``hidden_states[-2]``, no ``final_layer_norm``); pad positions are zeros. Tolerance of a bfloat16 compute:
+    cosine >= 0.999 per row per position."""
+    from transformers import CLIPTextModel
+
+    clip = build_tiny_clip_text(tmp_path / "clip")
+    out = tmp_path / "out"
+    config = _config(_corpus(tmp_path), out,
+                     tokenizer={"name": str(clip), "max_length": 77, "padding": "max_length"},
+                     encoder={"model": str(clip), "pooling": "none", "normalize": False, "use_attention_mask": True,
+                              "layer": -2, "final_layer_norm": False, "dtype": "bfloat16",
+                              "output_dtype": "float32"})
+    run_job(config)
+    input_ids, lengths, got = _per_token_rows(out)
+    model = CLIPTextModel.from_pretrained(str(clip)).eval()
+    want = np.zeros_like(got)
+    with torch.inference_mode():
+        for row, (ids, length) in enumerate(zip(input_ids, lengths)):
+            states = model(input_ids=torch.from_numpy(ids[None, :length]), output_hidden_states=True).hidden_states
+            want[row, :length] = states[-2][0].numpy()
+    real = np.arange(77)[None, :] < lengths[:, None]
+    assert not got[~real].any()  # pad positions: zeros
+    cosine = _cosines(got, want)[real]
+    assert cosine.min() >= 0.999, cosine.min()
+    # ... and computed in bfloat16: a float32 forward agrees with the reference to ~1e-6, this one does not.
+    assert np.abs(got[real] - want[real]).max() > 1e-4
+    # The settings took effect: the raw penultimate layer is far from the last layer and from the normed one.
+    with torch.inference_mode():
+        ids = torch.from_numpy(input_ids[:1, :lengths[0]])
+        states = model(input_ids=ids, output_hidden_states=True).hidden_states
+        norm = getattr(model, "text_model", model).final_layer_norm  # nested in transformers 4.x
+        last, normed = states[-1][0].numpy(), norm(states[-2])[0].numpy()
+    assert _cosines(got[0, :lengths[0]], last).min() < 0.99
+    assert _cosines(got[0, :lengths[0]], normed).min() < 0.99
 
 
 def test_encoder_config_errors_before_work(ray_cluster, tmp_path):

@@ -13,17 +13,17 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from cli_runs import embedpipe, manifest, start_embedpipe
+
 from pipeline.config import validate_config
 from pipeline.errors import InputError
-from pipeline.output.lock import output_lock, lock_holder
+from pipeline.inputs.discovery import discover
 from pipeline.inputs.plan import plan_units
-from pipeline.run.driver import run_job, run_tokenize
-from pipeline.output.shards import read_shard, write_shard
-from pipeline.inputs.sources import discover
 from pipeline.ops.status import output_status
 from pipeline.ops.verify import verify_output
+from pipeline.output.lock import lock_holder, output_lock
+from pipeline.output.shards import read_shard, write_shard
+from pipeline.run.driver import run_job, run_tokenize
 
 GOOD = [{"id": f"g{i}", "text": f"Good row {i}. " + "words " * (i % 13) + ("中文" if i % 5 == 0 else "")} for i in range(60)]
 GOOD.append({"id": "empty", "text": ""})  # an empty string is a valid row: tokenized, not dropped
@@ -83,11 +83,36 @@ def test_every_kind_of_bad_row_is_quarantined_and_the_good_rows_are_untouched(ra
     assert verify_output(tmp_path / "out").ok
 
 
-def test_nul_policy_strip_and_keep(ray_cluster, tmp_path):
-    corpus = _write_jsonl(tmp_path / "c.jsonl", [{"id": "a", "text": "x\u0000y"}, {"id": "b", "text": "plain"}])
-    for policy, rows in (("strip", 2), ("keep", 2), ("reject", 1)):
-        result = run_tokenize(_config(corpus, tmp_path / policy, nul_bytes=policy, max_quarantined=1))
-        assert result.totals["rows"] == rows
+def test_nul_policy_strip_and_keep(ray_cluster, tmp_path, bpe_dir):
+    """A byte-level BPE has a token for byte 0 (MiniLM's normalizer would drop NUL whatever the policy), so the ids
+    tell the policies apart: strip tokenizes the text without its NULs, keep the raw text, reject quarantines it."""
+    from transformers import AutoTokenizer
+
+    raw = "x\u0000y \u0000\u0000Good row"
+    corpus = _write_jsonl(tmp_path / "c.jsonl", [{"id": "a", "text": raw}, {"id": "b", "text": "plain"}])
+    hf = AutoTokenizer.from_pretrained(bpe_dir)
+    want = {"strip": hf(raw.replace("\u0000", ""))["input_ids"], "keep": hf(raw)["input_ids"]}
+    assert want["strip"] != want["keep"]  # else this tokenizer could not tell the policies apart either
+    got = {}
+    for policy in ("strip", "keep", "reject"):
+        out = tmp_path / policy
+        config = validate_config({
+            "input": {"path": str(corpus), "id_column": "id", "nul_bytes": policy, "max_quarantined": 1},
+            "output": {"path": str(out), "shard_rows": 25},
+            "tokenizer": {"name": bpe_dir, "max_length": 32, "pad_token": "<|endoftext|>"},
+        })
+        result = run_tokenize(config)
+        rows = {r["id"]: r["input_ids"][:r["length"]] for p in sorted((out / "tokens").glob("*.arrow"))
+                for r in read_shard(p).to_pylist()}
+        got[policy] = rows
+        assert rows["b"] == hf("plain")["input_ids"]
+        assert result.totals["quarantined"] == (policy == "reject")
+    assert got["strip"]["a"] == want["strip"]
+    assert got["keep"]["a"] == want["keep"]
+    assert "a" not in got["reject"]
+    (quarantined,) = [json.loads(line) for line in (tmp_path / "reject" / "quarantine").glob("*.jsonl").__next__()
+                      .read_text(encoding="utf-8").splitlines()]
+    assert "NUL byte at character 1" in quarantined["reason"] and quarantined["position"] == "line 1"
 
 
 def _unreadable_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
@@ -251,14 +276,35 @@ def test_verify_finds_missing_stray_and_misaligned_shards(finished, tmp_path):
 
 def test_verify_reconciles_counts_and_duplicate_ids(finished, tmp_path):
     out = _copy(finished, tmp_path)
-    for path in (out / "quarantine").glob("*.jsonl"):
-        path.write_text("")
+    (quarantined,) = (out / "quarantine").glob("*.jsonl")
+    quarantined.write_text("")
     record = manifest(out)
     record["counts"]["rows_in"] += 1
     (out / "manifest.json").write_text(json.dumps(record))
     problems = _problems(out)
-    assert "rows quarantined but" in problems or "0 records, the manifest recorded 1" in problems
-    assert "do not add up" in problems
+    assert f"quarantine/{quarantined.name}: 0 records, the manifest recorded 1" in problems
+    assert "manifest counts" in problems and "do not add up" in problems
+    assert "duplicate" not in problems
+
+    # A duplicate id (no chunking here: the plain id is the key), planted in both stages of shard 1 alike and
+    # restamped in the manifest, so that nothing but the duplicate is left to find.
+    dup = _copy(finished, tmp_path / "dup")
+    name = "data-00001-of-00003.arrow"
+    record = manifest(dup)
+    first_id = read_shard(dup / "tokens" / "data-00000-of-00003.arrow").column("id")[0].as_py()
+    for stage in ("tokens", "embeddings"):
+        table = read_shard(dup / stage / name)
+        ids = table.column("id").to_pylist()
+        ids[5] = first_id
+        table = table.set_column(table.column_names.index("id"), "id", pa.array(ids, pa.string()))
+        committed = write_shard(table, dup / stage / name)
+        record["stages"][stage]["shards"][name].update(bytes=committed.bytes, sha256=committed.sha256)
+        if stage == "tokens":
+            record["stages"]["embeddings"]["shards"][name]["tokens_sha256"] = committed.sha256
+    (dup / "manifest.json").write_text(json.dumps(record))
+    (finding,) = verify_output(dup).problems
+    where = f"id {first_id!r} (2 rows): data-00000-of-00003.arrow row 0 and {name} row 5"
+    assert finding in (f"tokens: 1 duplicate row ids, e.g. {first_id}", f"tokens: 1 duplicate row ids, e.g. {where}")
 
 
 def test_staging_leftovers_are_removed_by_the_next_run(ray_cluster, tmp_path):

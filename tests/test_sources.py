@@ -10,8 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import ConfigError
+from pipeline.inputs.columns import check_columns
+from pipeline.inputs.discovery import discover
 from pipeline.inputs.plan import plan_units
-from pipeline.inputs.sources import check_columns, discover
 from pipeline.tokenize.stage import ReadSpec, read_unit
 
 TEXTS = [f"document number {i} " + "word " * (i % 13) for i in range(257)]
@@ -60,11 +61,23 @@ def test_large_file_is_cut_by_bytes_at_line_starts(tmp_path):
     assert _rows(units)[1] == TEXTS
 
 
-def test_plan_is_deterministic_and_independent_of_chunking(tmp_path):
-    path = _write_jsonl(tmp_path / "c.jsonl", TEXTS)
-    first = plan_units(discover(str(path)), shard_rows=7)
-    again = plan_units(discover(str(path)), shard_rows=7)
-    assert [u.to_json() for u in first] == [u.to_json() for u in again]
+@pytest.mark.parametrize("compress", [False, True])
+@pytest.mark.parametrize("trailing_newline", [True, False])
+def test_plan_is_deterministic_and_independent_of_chunking(tmp_path, monkeypatch, compress, trailing_newline):
+    """The planner scans line files in blocks of ``_SCAN_CHUNK`` bytes (8 MiB: this whole file is one block);
+    cut into blocks of 1 byte up to more than the file, the units must not move, by rows or by bytes."""
+    import pipeline.inputs.plan as planner
+
+    path = _write_jsonl(tmp_path / ("c.jsonl.gz" if compress else "c.jsonl"), TEXTS, compress, trailing_newline)
+    files = discover(str(path))
+    for limits in ({"shard_rows": 7}, {"shard_rows": 10_000, "max_unit_bytes": 500}):
+        first = [u.to_json() for u in plan_units(files, **limits)]
+        assert [u.to_json() for u in plan_units(files, **limits)] == first  # deterministic
+        assert len(first) > 10 and sum(u["num_rows"] for u in first) == len(TEXTS)
+        for block in (1, 2, 3, 61, 500, 4096, 1 << 20):
+            monkeypatch.setattr(planner, "_SCAN_CHUNK", block)
+            assert [u.to_json() for u in plan_units(files, **limits)] == first, (limits, block)
+        monkeypatch.undo()
 
 
 def test_text_format_one_document_per_line(tmp_path):

@@ -2,7 +2,8 @@
 
 Checks, per stage: every planned shard is committed; each listed shard has the
 recorded size and sha256, opens as an Arrow IPC stream with the stage's schema
-and the recorded row count; ``state.json`` lists exactly the committed shards;
+and the recorded row count; ``state.json`` lists exactly the committed shards and
+``dataset_info.json`` is there (complete stages) and declares the shards' schema;
 no stray shard files. Tokens: ids are unique (``(id, chunk)`` when chunking), each
 row's mask counts its ``length``, rows in = rows written + rows quarantined per
 shard and overall, the quarantine files hold the recorded rows, and the plan's
@@ -27,10 +28,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.errors import InputError
 from pipeline.output.contract import DATASET_INFO_NAME, DATASET_STATE_NAME, QUARANTINE_DIR, STAGES, STAGING_DIR
+from pipeline.output.embedding_format import arrow_to_numpy, count_nonfinite, field_dims
 from pipeline.output.manifest import load_manifest
 from pipeline.output.shards import file_sha256, read_shard_and_sha256
 from pipeline.output.storage import output_path
+from pipeline.output.unique_ids import find_duplicates, row_keys
 from pipeline.run.increments import plan_names
 
 
@@ -100,7 +104,7 @@ def _check_stage(result: VerifyResult, out_dir: Path, manifest: dict[str, Any], 
             continue
         try:
             table, digest = read_shard_and_sha256(path)
-        except (pa.ArrowInvalid, OSError) as exc:
+        except (InputError, OSError) as exc:  # a damaged stream: still a sha256 to compare
             table, digest, error = None, file_sha256(path), exc
         if digest != shard["sha256"]:
             result.problems.append(f"{stage}/{name}: sha256 differs from the manifest's (the file was altered)")
@@ -114,6 +118,8 @@ def _check_stage(result: VerifyResult, out_dir: Path, manifest: dict[str, Any], 
     _check_schemas(result, stage, directory, schemas)
     if record.get("status") == "complete":
         _check_state_json(result, stage, directory, sorted(shards, key=lambda n: shards[n].get("unit", 0)))
+        if not (directory / DATASET_INFO_NAME).is_file():
+            result.problems.append(f"{stage}: dataset_info.json missing (datasets.load_from_disk cannot read the stage)")
     stray = sorted(p.name for p in directory.glob("*.arrow") if p.name not in shards) if directory.is_dir() else []
     if stray:
         result.problems.append(f"{stage}: {len(stray)} shard files not in the manifest: {_few(stray)}")
@@ -137,7 +143,11 @@ def _check_schemas(result: VerifyResult, stage: str, directory: Path, schemas: d
         return
     from datasets import Features
 
-    features = Features.from_dict(json.loads(info_path.read_text(encoding="utf-8"))["features"])
+    try:
+        features = Features.from_dict(json.loads(info_path.read_text(encoding="utf-8"))["features"])
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        result.problems.append(f"{stage}: dataset_info.json is not a datasets info file ({type(exc).__name__}: {exc})")
+        return
     declared = {f.name: f.type for f in features.arrow_schema}  # datasets keeps the features sorted by name
     held = {f.name: f.type for f in first}
     if declared != held:
@@ -149,7 +159,11 @@ def _check_state_json(result: VerifyResult, stage: str, directory: Path, names: 
     if not state_path.is_file():
         result.problems.append(f"{stage}: state.json missing (datasets.load_from_disk cannot read the stage)")
         return
-    listed = [item["filename"] for item in json.loads(state_path.read_text(encoding="utf-8"))["_data_files"]]
+    try:
+        listed = [item["filename"] for item in json.loads(state_path.read_text(encoding="utf-8"))["_data_files"]]
+    except (ValueError, KeyError, TypeError) as exc:
+        result.problems.append(f"{stage}: state.json is not a datasets state file ({type(exc).__name__}: {exc})")
+        return
     if listed != names:
         result.problems.append(f"{stage}: state.json lists {len(listed)} shards, the manifest {len(names)} "
                                "(or in another order)")
@@ -157,7 +171,6 @@ def _check_state_json(result: VerifyResult, stage: str, directory: Path, names: 
 
 def _check_tokens(result: VerifyResult, out_dir: Path, manifest: dict[str, Any], tables: dict[str, pa.Table]) -> None:
     shards = manifest["stages"]["tokens"]["shards"]
-    keys = []
     for name, table in tables.items():
         shard = shards[name]
         if shard["rows_in"] != shard["texts"] + shard["quarantined"]:
@@ -169,18 +182,11 @@ def _check_tokens(result: VerifyResult, out_dir: Path, manifest: dict[str, Any],
         if len(bad):
             result.problems.append(f"tokens/{name}: row {int(bad[0])}: attention mask counts {int(mask_counts[bad[0]])} "
                                    f"real tokens, length says {int(lengths[bad[0]])} ({len(bad)} rows so)")
-        ids = table.column("id")
-        if "chunk" in table.column_names:
-            ids = pc.binary_join_element_wise(ids, pc.cast(table.column("chunk"), pa.string()), "\x1f")
-        keys.append(ids)
         _check_quarantine_file(result, out_dir, name, shard)
-    if keys:
-        all_ids = pa.chunked_array([c for k in keys for c in (k.chunks if isinstance(k, pa.ChunkedArray) else [k])])
-        distinct = len(pc.unique(all_ids))
-        if distinct != len(all_ids):
-            counts = pc.value_counts(all_ids)
-            dupes = [v.as_py() for v, c in zip(counts.field("values"), counts.field("counts")) if c.as_py() > 1]
-            result.problems.append(f"tokens: {len(all_ids) - distinct} duplicate row ids, e.g. {_few(dupes)}")
+    extra, dupes = find_duplicates(list(tables), lambda name: row_keys(tables[name]),
+                                   sum(t.num_rows for t in tables.values()))
+    if extra:
+        result.problems.append(f"tokens: {extra} duplicate row ids, e.g. {_few([d.describe() for d in dupes])}")
     planned_rows = sum(unit["num_rows"] for unit in manifest["plan"]["units"])
     totals = {key: sum(s.get(key, 0) for s in shards.values())
               for key in ("rows_in", "texts", "quarantined", "blank_lines")}
@@ -229,6 +235,22 @@ def _check_embeddings(result: VerifyResult, manifest: dict[str, Any], token_tabl
                 result.problems.append(f"embeddings/{name}: row {row}: {column} differs from tokens/{name}'s row")
         if table.column("embedding").null_count:
             result.problems.append(f"embeddings/{name}: {table.column('embedding').null_count} null embeddings")
+        elif "nonfinite_rows" in shard:
+            _check_nonfinite(result, name, table, shard["nonfinite_rows"])
+
+
+def _check_nonfinite(result: VerifyResult, name: str, table: pa.Table, recorded: int) -> None:
+    """The rows holding NaN or Inf, recounted, against the manifest's count."""
+    field = table.schema.field("embedding")
+    try:
+        _, stored = field_dims(field)
+        values = arrow_to_numpy(table.column("embedding"), field)
+    except ValueError as exc:
+        result.problems.append(f"embeddings/{name}: {exc}")
+        return
+    found = int(np.count_nonzero(count_nonfinite(values, stored)))
+    if found != recorded:
+        result.problems.append(f"embeddings/{name}: {found} rows hold NaN or Inf, the manifest recorded {recorded}")
 
 
 def _row_sums(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
