@@ -21,7 +21,7 @@ Target: map and stream >= 3x datasets' rows/s, anonymous memory flat over the ep
 Input: an existing output directory (``--out OUT``, tokens stage complete), or one built here from
 a JSONL corpus with ``embedpipe tokenize`` (MiniLM, padding to ``--max-length``) into
 bench-work/data-readers/ (reused when already there); ``--mb N`` generates the corpus with
-/work/shared/tools/make_corpus.py when ``--corpus`` does not exist.
+../shared/tools/make_corpus.py when ``--corpus`` does not exist.
 
     python benchmarks/data_readers.py --corpus bench-work/corpus-300mb.jsonl --repeat 3
     python benchmarks/data_readers.py --out out/default --only map,stream
@@ -46,7 +46,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 WORK = REPO / "bench-work" / "data-readers"
-MAKE_CORPUS = Path("/work/shared/tools/make_corpus.py")
+MAKE_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "tools" / "make_corpus.py"  # ../shared
 COLUMNS = ["input_ids", "attention_mask", "token_type_ids"]
 READERS = ("map", "stream", "datasets")
 BATCH, WORKERS, SEED = 256, 2, 0

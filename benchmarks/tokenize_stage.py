@@ -22,7 +22,7 @@ Each contender gets a fresh empty OUTDIR and a fresh HF_DATASETS_CACHE under
 --repeat N, runs go round-robin and the table shows the median wall time and
 the highest peak PSS.
 
-Commands (from /work/main, venv active: `. /work/main/.venv/bin/activate`):
+Commands (from the repository root, venv active: `. .venv/bin/activate`):
 
     python benchmarks/tokenize_stage.py --corpus /tmp/c5.jsonl --json bench-work/tokenize-5mb.json
     python benchmarks/tokenize_stage.py --mb 5 --only a,b,c          # generates bench-work/corpus-5mb.jsonl
@@ -33,7 +33,7 @@ Afterwards contenders/tokenizer_floor.py times the tokenizer alone on the same t
 tells whether a throughput target is reachable at all on this machine.
 
 --sizes M[,M2...] afterwards runs ours alone on corpora of M MB (generated with
-/work/shared/tools/make_corpus.py when missing) to show its peak PSS as the
+../shared/tools/make_corpus.py when missing) to show its peak PSS as the
 corpus grows. Targets: ours >= 0.9x (a), >= 1.1x (b), >= 1.6x (c) throughput,
 and ours' peak PSS < 1500 MB on every corpus. Exit status 0 only if every
 target passes and every contender ran and wrote the right number of rows.
@@ -62,7 +62,7 @@ import psutil  # noqa: E402
 
 REPO = Path(_HERE).parent
 CONTENDERS_DIR = Path(_HERE) / "contenders"
-MAKE_CORPUS = Path("/work/shared/tools/make_corpus.py")
+MAKE_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "tools" / "make_corpus.py"  # ../shared
 SAMPLE_INTERVAL_S = 0.5
 LINGER_TIMEOUT_S = 30.0
 PSS_LIMIT_MB = 1500.0

@@ -37,7 +37,8 @@ def inspect(path: str, rows: int, as_json: bool) -> None:
               embedpipe inspect out/default/tokens/data-00000-of-00004.arrow --rows 2
               embedpipe inspect out/default/embeddings --json
     """
-    from pipeline.ops.inspect import format_report, inspect_path
+    from pipeline.ops.inspect import inspect_path
+    from pipeline.ops.inspect_format import format_report
 
     with errors_to_exit_codes():
         report = inspect_path(path, rows=rows)

@@ -12,7 +12,6 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402
-
 import tiny_tokenizers  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from cli_runs import REPO, cli_env, digests, embedpipe, manifest
 from tiny_models import build_tiny_bert
 
@@ -57,7 +56,7 @@ def test_exit_codes(setup, tmp_path):
     assert embedpipe("run", setup["config"], "--set", "tokenizer.padding=sideways").returncode == 2
     assert embedpipe("status", str(tmp_path / "nowhere")).returncode == 2
     too_strict = embedpipe("tokenize", setup["config"], "-o", str(tmp_path / "q"), "--set",
-                           f"input.max_text_bytes=20", "--set", "input.max_quarantined=0")
+                           "input.max_text_bytes=20", "--set", "input.max_quarantined=0")
     assert too_strict.returncode == 1 and "input.max_quarantined" in too_strict.stderr
     report = json.loads(next((tmp_path / "q" / "reports").glob("*.json")).read_text())
     assert report["exit_status"] == 1 and "max_quarantined" in report["error"]

@@ -20,6 +20,7 @@ import fsspec
 import numpy as np
 import pytest
 import torch
+from tiny_models import build_tiny_clip_text
 from torch.utils.data import DataLoader, DistributedSampler
 
 from pipeline.config import validate_config
@@ -32,9 +33,8 @@ from pipeline.data import (
     read_table,
 )
 from pipeline.data.batch import INLINE_BYTES, Batch
-from pipeline.run.driver import run_job
 from pipeline.output.shards import read_shard
-from tiny_models import build_tiny_clip_text
+from pipeline.run.driver import run_job
 
 REPO = Path(__file__).resolve().parent.parent
 ROWS, SHARD_ROWS, MAX_LENGTH = 200, 25, 64

@@ -16,18 +16,18 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pytest  # noqa: E402
+import tiny_models  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
-import tiny_models  # noqa: E402
+from pipeline.data.reader import arrow_to_tensor  # noqa: E402
 from pipeline.encode.cpu_linear import PackedLinear, onednn_linear_available, pack_linear_layers  # noqa: E402
 from pipeline.encode.device import resolve_device  # noqa: E402
-from pipeline.data.reader import arrow_to_tensor  # noqa: E402
 from pipeline.encode.forward import EncodeOptions, encode_rows, plan_batches  # noqa: E402
 from pipeline.encode.models import load_encoder, resolve_model_dir  # noqa: E402
 from pipeline.encode.stage import EmbedSpec, ShardEncoder  # noqa: E402
-from pipeline.output.embedding_format import count_nonfinite, embedding_arrow_field, embeddings_to_arrow  # noqa: E402
 from pipeline.errors import ConfigError  # noqa: E402
+from pipeline.output.embedding_format import count_nonfinite, embedding_arrow_field, embeddings_to_arrow  # noqa: E402
 
 TEXTS = [
     "",

@@ -9,11 +9,11 @@ import shutil
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest  # noqa: E402
+import tiny_models  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import AutoTokenizer, BertModel, CLIPModel  # noqa: E402
 
-import tiny_models  # noqa: E402
 from pipeline.encode.models import (  # noqa: E402
     check_model_dir,
     embedding_table_size,

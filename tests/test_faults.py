@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from cli_runs import cli_env, embedpipe, manifest, output_files, start_embedpipe
 from tiny_models import build_tiny_bert
 

@@ -9,7 +9,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from cli_runs import digests, embedpipe, manifest, output_files
 from tiny_models import build_tiny_bert
 

@@ -19,8 +19,9 @@ from cli_runs import REPO, cli_env, manifest
 
 from pipeline.config import validate_config
 from pipeline.errors import ConfigError
+from pipeline.inputs.columns import check_columns
+from pipeline.inputs.discovery import discover, find_inputs
 from pipeline.inputs.plan import plan_units
-from pipeline.inputs.sources import check_columns, discover, find_inputs
 from pipeline.tokenize.stage import ReadSpec, read_unit
 
 BOM = b"\xef\xbb\xbf"
@@ -102,7 +103,7 @@ def test_a_compressed_input_without_its_decompressor_is_a_config_error(tmp_path,
         "import sys\n"
         f"for m in {blocked!r}: sys.modules[m] = None\n"
         "from pipeline.errors import ConfigError\n"
-        "from pipeline.inputs.sources import discover\n"
+        "from pipeline.inputs.discovery import discover\n"
         "try:\n"
         f"    discover({str(path)!r})\n"
         "except ConfigError as exc:\n"
@@ -287,3 +288,23 @@ def test_a_column_no_sampled_row_has_refuses_the_job_naming_the_sample(tmp_path)
     assert "100 rows sampled" in message and "lines 1-100" in message and "body" in message
     with pytest.raises(ConfigError, match=r"input.id_column: column 'uid' not found in body.jsonl: none of the 100"):
         check_columns(discover(str(path)), "body", "uid")
+
+
+def test_duplicate_ids_fail_the_job_naming_both_positions_never_complete(tmp_path):
+    from cli_runs import embedpipe
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_text("".join(json.dumps({"id": f"r{i}", "text": f"a {i}"}) + "\n"
+                                                     for i in range(30)))
+    (tmp_path / "in" / "b.jsonl").write_text("".join(json.dumps({"id": f"r{i}", "text": f"b {i}"}) + "\n"
+                                                     for i in (40, 41, 7, 42)))
+    out = tmp_path / "out"
+    done = embedpipe("tokenize", "conf/default.yaml", "--set", f"input.path={tmp_path / 'in'}",
+                     "--set", "output.shard_rows=20", "--set", "tokenizer.max_length=16", "-o", str(out),
+                     "--no-progress")
+    assert done.returncode == 1, done.stderr
+    assert "id 'r7'" in done.stderr and "data-00000-of-00003.arrow row 7" in done.stderr
+    assert "data-00002-of-00003.arrow row 2" in done.stderr
+    assert manifest(out)["stages"]["tokens"]["status"] == "failed"
+    verified = embedpipe("verify", str(out))
+    assert verified.returncode == 1 and "duplicate row ids" in verified.stdout and "r7" in verified.stdout

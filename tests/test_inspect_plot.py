@@ -12,16 +12,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
 from conftest import REPO
+
 from jobs.ops_commands import inspect as inspect_command
 from jobs.ops_commands import plot as plot_command
 from pipeline.config import validate_config
 from pipeline.data.reader import arrow_to_tensor
-from pipeline.ops.inspect import display_width, fit, inspect_path
+from pipeline.ops.inspect import inspect_path
+from pipeline.ops.inspect_format import display_width, fit
 from pipeline.ops.plot import Fonts, label_text, load_sample, pca_2d, spread_order
-from pipeline.run.driver import run_job
 from pipeline.output.shards import read_shard
+from pipeline.run.driver import run_job
 
 ENGLISH = ["A cat sits on the mat.", "Tokenizers turn text into numbers.", "The quick brown fox jumps.",
            "Embeddings place similar sentences close together.", "Short."]

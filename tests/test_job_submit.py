@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pytest
 import ray
-
 from cli_runs import REPO, cli_env, embedpipe, manifest
 
 pytestmark = pytest.mark.walkthrough

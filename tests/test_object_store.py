@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from cli_runs import cli_env, embedpipe, output_files
 from tiny_models import build_tiny_bert
 

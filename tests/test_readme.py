@@ -7,7 +7,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from cli_runs import REPO, cli_env
 
 pytestmark = pytest.mark.walkthrough

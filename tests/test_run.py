@@ -12,8 +12,8 @@ from transformers import AutoTokenizer
 
 from pipeline.config import validate_config
 from pipeline.errors import ConfigError, JobFailed
-from pipeline.run.driver import run_tokenize
 from pipeline.output.shards import read_shard
+from pipeline.run.driver import run_tokenize
 
 GOOD = [f"Row {i}: " + ("some words here " * (i % 40)) + ("中文" if i % 7 == 0 else "") for i in range(230)]
 

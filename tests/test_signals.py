@@ -12,8 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-
-from cli_runs import REPO, cli_env, embedpipe, manifest, output_files, start_embedpipe
+from cli_runs import REPO, embedpipe, manifest, output_files, start_embedpipe
 
 pytestmark = pytest.mark.faults
 

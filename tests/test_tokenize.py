@@ -12,8 +12,8 @@ from transformers import AutoTokenizer
 
 from pipeline.config import validate_config
 from pipeline.errors import ConfigError
-from pipeline.tokenize.loading import load_tokenize_spec
 from pipeline.tokenize.core import TokenRows, length_histogram, to_table, tokenize_texts
+from pipeline.tokenize.loading import load_tokenize_spec
 
 EDGE_TEXTS = [
     "",

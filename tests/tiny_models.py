@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import tiny_tokenizers
 import torch
 from transformers import (
     AutoTokenizer,
@@ -24,8 +25,6 @@ from transformers import (
     GPT2Config,
     GPT2Model,
 )
-
-import tiny_tokenizers
 
 HIDDEN = 32
 INIT_RANGE = 0.2

@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.inputs.sources import LINE_FORMATS, InputFile, columnar_row_counts, open_binary, reading
+from pipeline.inputs.columnar import columnar_row_counts
+from pipeline.inputs.files import LINE_FORMATS, InputFile, open_binary, reading
 
 # Bounds a unit's text in memory (a worker holds one unit's raw bytes at a time).
 DEFAULT_MAX_UNIT_BYTES = 32 * 1024 * 1024

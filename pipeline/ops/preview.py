@@ -16,7 +16,9 @@ import numpy as np
 
 from pipeline.config import JobConfig
 from pipeline.errors import ConfigError
-from pipeline.inputs.sources import TextRules, check_columns, find_inputs
+from pipeline.inputs.columns import check_columns
+from pipeline.inputs.discovery import find_inputs
+from pipeline.inputs.files import TextRules
 from pipeline.output.manifest import differences, embedding_differences, load_manifest, new_manifest
 from pipeline.output.ownership import files_in_the_way, foreign_entries
 from pipeline.output.storage import output_path

@@ -21,8 +21,8 @@ import orjson
 from pipeline import __version__
 from pipeline.config import JobConfig
 from pipeline.errors import ConfigError
+from pipeline.inputs.files import InputFile
 from pipeline.inputs.plan import WorkUnit
-from pipeline.inputs.sources import InputFile
 from pipeline.output.contract import MANIFEST_NAME
 from pipeline.output.shards import commit_bytes
 from pipeline.output.storage import output_path
@@ -92,7 +92,37 @@ def load_manifest(out_dir: Path | str) -> dict[str, Any] | None:
     if missing:
         raise ConfigError(f"{path}: not an embedpipe manifest (no {', '.join(missing)}); embedpipe never "
                           "overwrites a file it did not write: use another output directory, or remove the file")
+    wrong = _shape_problem(manifest)
+    if wrong:
+        raise ConfigError(f"{path}: a damaged embedpipe manifest ({wrong}); embedpipe never overwrites it: "
+                          "restore it, or use another output directory")
     return manifest
+
+
+_SHARD_FIELDS = {"name": str, "rows": int, "bytes": int, "sha256": str}
+
+
+def _shape_problem(manifest: dict[str, Any]) -> str | None:
+    """What in the manifest's structure is not what embedpipe writes (None: every part readers rely on is)."""
+    plan = manifest["plan"]
+    if not isinstance(plan, dict) or not isinstance(plan.get("units"), list) or not isinstance(plan.get("shards"), int):
+        return "plan: expected units (a list) and shards (a number)"
+    if not all(isinstance(u, dict) and isinstance(u.get("index"), int) for u in plan["units"]):
+        return "plan.units: expected objects with an index"
+    if "names" in plan and not (isinstance(plan["names"], list) and all(isinstance(n, str) for n in plan["names"])):
+        return "plan.names: expected a list of shard names"
+    if not isinstance(manifest["stages"], dict):
+        return "stages: expected an object"
+    for stage, record in manifest["stages"].items():
+        if not isinstance(record, dict) or not isinstance(record.get("shards", {}), dict):
+            return f"stages.{stage}: expected an object with shards"
+        for name, shard in record.get("shards", {}).items():
+            if not isinstance(shard, dict):
+                return f"stages.{stage}.shards.{name}: expected an object"
+            for key, kind in _SHARD_FIELDS.items():
+                if not isinstance(shard.get(key), kind):
+                    return f"stages.{stage}.shards.{name}.{key}: expected a {kind.__name__}"
+    return None
 
 
 def save_manifest(out_dir: Path | str, manifest: dict[str, Any]) -> None:
@@ -119,6 +149,10 @@ def differences(old: dict[str, Any], new: dict[str, Any], increment: bool = Fals
         found += [f"config {key}" for key in _changed_keys(old.get("config", {}), new["config"])] or ["config"]
     if old.get("tokenizer_sha256") != new["tokenizer_sha256"]:
         found.append("tokenizer files")
+    if new["input"].get("content_changed"):
+        # Set by the driver under --force when committed shards' input changed (pipeline.inputs.identity):
+        # the job starts over rather than mix shards of two versions of the input.
+        found.append(f"input content ({len(new['input']['content_changed'])} committed shards' input changed)")
     if increment:
         old_units = old.get("plan", {}).get("units", [])
         if new["plan"]["units"][: len(old_units)] != old_units:

@@ -14,21 +14,25 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import JobConfig
-from pipeline.encode.stage import EmbedSpec, ShardEncoder, embedding_schema, plan_embed
-from pipeline.errors import ConfigError, Interrupted
+from pipeline.encode.stage import embedding_schema
+from pipeline.errors import Interrupted
 from pipeline.faults import fault_point
+from pipeline.inputs.columns import check_columns
+from pipeline.inputs.discovery import discover
+from pipeline.inputs.files import TextRules
+from pipeline.inputs.identity import check_committed_inputs
 from pipeline.inputs.plan import WorkUnit
-from pipeline.inputs.sources import TextRules, check_columns, discover
 from pipeline.output.contract import EMBEDDINGS, STAGES, TOKENS
 from pipeline.output.lock import output_lock
 from pipeline.output.manifest import load_manifest, new_manifest
 from pipeline.output.outdir import check_output_directory, prepare_output
 from pipeline.output.shards import write_dataset_metadata
 from pipeline.output.storage import output_path
+from pipeline.output.unique_ids import duplicates_in_stage
+from pipeline.run.encoder_pool import EncoderPlan, EncoderPool, plan_encoders
 from pipeline.run.increments import plan_job
 from pipeline.run.job_record import JobRecord, ProgressCallback, StageResult
 from pipeline.run.report import peak_rss_mb
@@ -42,13 +46,9 @@ log = logging.getLogger("embedpipe")
 # Set in every task (not as a Ray runtime_env, which costs ~1 s of worker start-up):
 # tokenizers' own thread pool must not fight Ray's CPU slots.
 WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "RAYON_NUM_THREADS": "1"}
-# Shards queued on each encoder actor: one computing, one ready to start.
-_SHARDS_PER_ACTOR = 2
 # Resubmissions by the driver of a unit or shard whose process or node was lost, on top of Ray's own
 # retries (which do not cover every case, e.g. an actor on a removed node: ActorUnavailableError).
 _DRIVER_RETRIES = 3
-# CPU encoder actors (each loads the model): see _encoder_resources.
-_MAX_CPU_ACTORS = 8
 _RETRY = object()
 
 
@@ -94,15 +94,6 @@ def _tokenize_task(unit: WorkUnit, name: str, read: ReadSpec, spec: TokenizeSpec
     return report
 
 
-class _EncoderActor(ShardEncoder):
-    """The Ray encoder actor: a :class:`ShardEncoder` whose reports also carry the actor's peak memory."""
-
-    def embed_shard(self, out_dir: str, name: str) -> dict[str, Any]:
-        report = super().embed_shard(out_dir, name)
-        report["peak_rss_mb"] = peak_rss_mb()
-        return report
-
-
 def _cluster_info() -> dict[str, Any]:
     import ray
 
@@ -141,6 +132,9 @@ def _run_job(config: JobConfig, stages: tuple[str, ...], force: bool, progress: 
                             config.output.path, lock.previous.describe())
             old = load_manifest(out_dir)
             plan = plan_job(files, config.output.shard_rows, old)
+            # An unfinished tokens stage's committed shards must have been made from the input as it is now.
+            changed = (check_committed_inputs(old, plan.units, config.input.text_column, config.input.id_column,
+                                              force) if TOKENS in stages else [])
             log.info("plan: %d input files -> %d work units (one shard each) into %s", len(files), len(plan.units),
                      config.output.path, extra={"fields": {"event": "plan", "files": len(files),
                                                            "units": len(plan.units), "out_dir": config.output.path}})
@@ -152,8 +146,10 @@ def _run_job(config: JobConfig, stages: tuple[str, ...], force: bool, progress: 
                 install(stop)  # again: ray.init may set handlers of its own
                 spec = spec_future.result()
                 # Every check that can refuse the job runs before the output is touched (--force deletes).
-                encoders = _plan_encoders(config, spec) if EMBEDDINGS in stages else None
+                encoders = plan_encoders(config, spec) if EMBEDDINGS in stages else None
                 fresh = new_manifest(config, files, plan.units, spec.tokenizer_sha256, plan.names)
+                if changed:  # --force: start over rather than mix two versions of the input
+                    fresh["input"]["content_changed"] = changed
                 stop.check()  # nothing touched yet
                 manifest = prepare_output(out_dir, fresh, force, plan.increment, stages)
                 record = JobRecord(manifest, out_dir, len(plan.units), started)
@@ -165,46 +161,11 @@ def run_tokenize(config: JobConfig, *, force: bool = False, progress: ProgressCa
     return run_job(config, stages=(TOKENS,), force=force, progress=progress)[TOKENS]
 
 
-@dataclass(frozen=True)
-class _Encoders:
-    """The encoder actors a job starts: how many, the Ray resources of each, and what they run."""
-
-    count: int
-    resources: dict[str, float]
-    spec: EmbedSpec
-
-
-def _plan_encoders(config: JobConfig, spec: TokenizeSpec) -> _Encoders:
-    """Size the encoder actors for the cluster at hand and check the encoder settings (ConfigError)."""
-    device, count, resources, threads = _encoder_resources(config)
-    return _Encoders(count, resources, plan_embed(config, spec, device, threads))
-
-
-def _encoder_resources(config: JobConfig) -> tuple[str, int, dict[str, float], int | None]:
-    """(device, actor count, per-actor resources, torch threads) for the cluster at hand."""
-    import ray
-
-    resources = ray.cluster_resources()
-    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
-    device = config.encoder.device
-    if device == "cuda" and gpus == 0:
-        raise ConfigError("encoder.device: 'cuda' but the Ray cluster has no GPU; use device: auto or cpu")
-    if device in ("auto", "cuda") and gpus:
-        return "cuda", gpus, {"num_gpus": 1, "num_cpus": 1}, None
-    # On a CPU, one single-threaded actor per core: for encoder-sized matrices torch's intra-op threads
-    # barely help (MiniLM: 2 threads ran 1.0x one thread; 2 one-thread processes 2.0x), and one thread
-    # makes a row's bytes independent of the machine's core count. Each actor books half a CPU so that
-    # tokenize tasks keep half the slots; tokenizing is short next to encoding on a CPU. At most
-    # _MAX_CPU_ACTORS copies of the model are loaded; beyond that each actor gets more threads.
-    actors = max(1, min(cpus, _MAX_CPU_ACTORS))
-    return "cpu", actors, {"num_cpus": 0.5}, max(1, cpus // actors)
-
-
 class _Job:
     """One run of the driver: schedules the tasks and actors, and tells the job record what they committed."""
 
     def __init__(self, config: JobConfig, spec: TokenizeSpec, units: list[WorkUnit], names: list[str],
-                 record: JobRecord, encoders: _Encoders | None, progress: ProgressCallback | None,
+                 record: JobRecord, encoders: EncoderPlan | None, progress: ProgressCallback | None,
                  stop: StopRequest) -> None:
         self.config, self.spec, self.units = config, spec, units
         self.names = dict(zip((u.index for u in units), names))
@@ -255,7 +216,6 @@ class _Job:
         # Enough in flight to keep every CPU busy while results are recorded, few enough to bound memory.
         max_in_flight = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
         token_refs: dict[Any, WorkUnit] = {}
-        embed_refs: dict[Any, tuple[int, Any, str]] = {}
         queue, waiting_shards = list(unit_todo), list(embed_todo)
 
         def submit_tokenize() -> None:
@@ -264,73 +224,47 @@ class _Job:
                 token_refs[task.remote(unit, self.names[unit.index], read, spec_ref, str(self.out_dir))] = unit
 
         submit_tokenize()  # tokenizing starts while the encoders load their models
-        actors, loading = self._start_encoders() if "embeddings" in stages else ([], [])
-        load = {i: 0 for i in range(len(actors))}
-        while queue or token_refs or waiting_shards or embed_refs:
+        pool = EncoderPool(self.encoders) if EMBEDDINGS in stages else None
+        if pool:
+            pool.start()
+        while queue or token_refs or waiting_shards or (pool and pool.in_flight):
             if self.stop.requested:  # submit nothing more; let what is in flight finish within the grace period
                 queue.clear()
                 waiting_shards.clear()
-                if not (token_refs or embed_refs) or self.stop.out_of_time():
+                if not (token_refs or (pool and pool.in_flight)) or self.stop.out_of_time():
                     raise self.stop.error(self.record.committed_summary())
             submit_tokenize()
-            while waiting_shards and actors and min(load.values()) < _SHARDS_PER_ACTOR:
-                actor = min(load, key=load.get)
-                name = waiting_shards.pop(0)
-                embed_refs[actors[actor].embed_shard.remote(str(self.out_dir), name)] = (actor, actors[actor], name)
-                load[actor] += 1
+            if pool:
+                pool.submit(waiting_shards, str(self.out_dir))
             # Model loads first: a load that failed on bad settings must surface as such, not as a shard error.
             # A timeout, so that a signal is seen within half a second however long the shards take.
-            ready, _ = ray.wait([*loading, *token_refs, *embed_refs], num_returns=1, timeout=0.5)
+            pending = [*pool.loading, *token_refs, *pool.in_flight] if pool else [*token_refs]
+            ready, _ = ray.wait(pending, num_returns=1, timeout=0.5)
             for ref in ready:
-                if ref in loading:
-                    loading.remove(ref)
-                    self._loaded(ref)
+                if pool and ref in pool.loading:
+                    pool.loaded(ref)
                 elif ref in token_refs:
                     unit = token_refs.pop(ref)
-                    report = self._collect(ref, f"unit {unit.index} ({unit.describe()})", ("tokens", unit.index))
+                    report = self._collect(ref, f"unit {unit.index} ({unit.describe()})", (TOKENS, unit.index))
                     if report is _RETRY:
                         queue.insert(0, unit)
                     elif report:
-                        self._record("tokens", report["name"], report, skipped["tokens"])
-                        if actors:
+                        self._record(TOKENS, report["name"], report, skipped[TOKENS])
+                        if pool:
                             waiting_shards.append(report["name"])
                 else:
-                    actor, handle, name = embed_refs.pop(ref)
-                    load[actor] -= 1
-                    report = self._collect(ref, f"embedding of tokens/{name}", ("embeddings", name))
+                    name, actor = pool.finished(ref)
+                    report = self._collect(ref, f"embedding of tokens/{name}", (EMBEDDINGS, name))
                     if report is _RETRY:
                         waiting_shards.insert(0, name)
-                        if actors[actor] is handle:  # not yet replaced after an earlier failure of its tasks
-                            actors[actor] = self._replace_encoder(handle)
+                        pool.replace(actor)
                     elif report:
-                        self._record("embeddings", name, report, skipped.get("embeddings", 0))
+                        self._record(EMBEDDINGS, name, report, skipped.get(EMBEDDINGS, 0))
             self.record.save()
         if self.stop.requested:  # the last shards in flight finished within the grace period
             raise self.stop.error(self.record.committed_summary())
-        for ref in loading:  # no shard was left to embed before these models finished loading
-            self._loaded(ref)
-
-    def _start_encoders(self) -> tuple[list[Any], list[Any]]:
-        """Start the encoder actors; return them and one ref per actor that is ready once its model is loaded.
-
-        The driver does not block on the loads: shards tokenized meanwhile are recorded (and shown) as they
-        finish, and embedding calls queue on the actors until their models are in memory.
-        """
-        actors = [self._new_encoder() for _ in range(self.encoders.count)]
-        return actors, [a.ready.remote() for a in actors]
-
-    def _loaded(self, ref: Any) -> None:
-        """Wait for an encoder's model load; errors in the model's settings surface here, as ConfigError."""
-        import ray
-
-        try:
-            ray.get(ref)
-        except ray.exceptions.RayTaskError as exc:
-            if isinstance(exc.cause, ConfigError):
-                raise exc.cause from None
-            raise
-        except ray.exceptions.RayActorError:
-            pass  # the actor died while loading: its shards are retried on a replacement (see _collect)
+        for ref in list(pool.loading if pool else []):  # no shard was left to embed before these models loaded
+            pool.loaded(ref)
 
     def _collect(self, ref: Any, what: str, key: tuple[str, Any]) -> dict[str, Any] | object | None:
         """The task's report; ``_RETRY`` after a system failure (a process or node lost) with attempts left;
@@ -355,25 +289,18 @@ class _Job:
             self.failures.append(f"{what}: {type(exc).__name__} after {_DRIVER_RETRIES} retries: {exc}")
         return None
 
-    def _new_encoder(self) -> Any:
-        import ray
-
-        actor = ray.remote(max_restarts=2, max_task_retries=2, **self.encoders.resources)(_EncoderActor)
-        return actor.remote(self.encoders.spec)
-
-    def _replace_encoder(self, actor: Any) -> Any:
-        """A new encoder actor in place of one whose tasks failed for a system reason (Ray gave up on it:
-        its restarts used up, or its node gone); the new one is scheduled on a live node."""
-        import ray
-
-        log.warning("replacing an encoder actor that Ray could not recover")
-        try:
-            ray.kill(actor, no_restart=True)
-        except ray.exceptions.RayError:
-            pass
-        return self._new_encoder()
-
     # ------------------------------------------------------------ the end
+
+    def _check_unique_ids(self, names: list[str]) -> None:
+        """Fail (before the stage is complete) when the configured id column repeats a value."""
+        rows = {name: self.record.stage(TOKENS)["shards"][name]["rows"] for name in names}
+        extra, found = duplicates_in_stage(self.out_dir / TOKENS, rows)
+        if extra:
+            raise self.record.fail(
+                f"input.id_column {self.config.input.id_column!r}: {extra} rows repeat an id of an earlier row, e.g. "
+                + "; ".join(d.describe() for d in found)
+                + ". Ids must be unique: fix the input, or unset input.id_column to key rows by file and position",
+                max(self.peak_rss, peak_rss_mb()))
 
     def _finish(self, stages: tuple[str, ...], skipped: dict[str, int]) -> dict[str, StageResult]:
         record = self.record
@@ -385,6 +312,8 @@ class _Job:
         if over:
             raise record.fail(over, peak)
         names = record.shard_names()
+        if TOKENS in stages and self.config.input.id_column:  # ids by file and position are unique as made
+            self._check_unique_ids(names)
         if TOKENS in stages:
             write_dataset_metadata(self.out_dir / TOKENS, token_schema(self.spec), names, record.manifest["config_hash"])
             record.complete(TOKENS)

@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.inputs.files import InputFile
 from pipeline.inputs.plan import WorkUnit, plan_units
-from pipeline.inputs.sources import InputFile
 from pipeline.output.contract import shard_name
 from pipeline.output.manifest import now
 

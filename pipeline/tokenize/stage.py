@@ -2,7 +2,9 @@
 
 read the unit's rows -> tokenize -> pad -> commit ``tokens/<shard>`` and, when
 rows were rejected, ``quarantine/tokens-<shard>.jsonl``; return a report that
-the driver records in the manifest.
+the driver records in the manifest. The report carries ``input_sha256``, the
+digest of the unit's input as it was read (see :mod:`pipeline.inputs.identity`),
+which a resume checks against the input before keeping the shard.
 """
 
 from __future__ import annotations
@@ -14,8 +16,11 @@ from typing import Any
 import numpy as np
 
 from pipeline.faults import fault_point
+from pipeline.inputs.columnar import read_columnar_rows
+from pipeline.inputs.files import LINE_FORMATS, BadRow, RowBatch, TextRules
+from pipeline.inputs.identity import input_hasher
+from pipeline.inputs.lines import read_line_rows
 from pipeline.inputs.plan import WorkUnit
-from pipeline.inputs.sources import LINE_FORMATS, BadRow, RowBatch, TextRules, read_columnar_rows, read_line_rows
 from pipeline.output.shards import write_jsonl, write_shard
 from pipeline.output.storage import output_path
 from pipeline.tokenize.core import TokenizeSpec, TokenRows, length_histogram, to_table, tokenize_texts
@@ -33,22 +38,25 @@ class ReadSpec:
     rules: TextRules = TextRules()
 
 
-def read_unit(unit: WorkUnit, read: ReadSpec) -> Iterator[RowBatch]:
-    """Iterate the unit's rows in batches (good rows and bad rows apart)."""
+def read_unit(unit: WorkUnit, read: ReadSpec, hasher: Any | None = None) -> Iterator[RowBatch]:
+    """Iterate the unit's rows in batches (good rows and bad rows apart).
+
+    ``hasher`` (see :func:`pipeline.inputs.identity.input_hasher`) is fed the unit's input as it is read.
+    """
     if unit.file.format in LINE_FORMATS:
         return read_line_rows(unit.file, unit.first_row, unit.num_rows, unit.byte_start, unit.byte_stop,
-                              read.text_column, read.id_column, BATCH_ROWS, read.rules)
+                              read.text_column, read.id_column, BATCH_ROWS, read.rules, hasher)
     return read_columnar_rows(unit.file, unit.first_row, unit.num_rows, read.text_column, read.id_column, BATCH_ROWS,
-                              read.rules)
+                              read.rules, hasher)
 
 
-def tokenize_unit(unit: WorkUnit, read: ReadSpec,
-                  spec: TokenizeSpec) -> tuple[Any, TokenRows, list[BadRow], int]:
+def tokenize_unit(unit: WorkUnit, read: ReadSpec, spec: TokenizeSpec,
+                  hasher: Any | None = None) -> tuple[Any, TokenRows, list[BadRow], int]:
     """Tokenize every good row of a unit; returns (Arrow table, unpadded rows, bad rows, blank JSONL lines)."""
     parts: list[TokenRows] = []
     bad: list[BadRow] = []
     blank = 0
-    for batch in read_unit(unit, read):
+    for batch in read_unit(unit, read, hasher):
         bad.extend(batch.bad)
         blank += batch.blank
         if batch.texts:
@@ -61,7 +69,8 @@ def tokenize_unit(unit: WorkUnit, read: ReadSpec,
 
 def run_unit(unit: WorkUnit, name: str, read: ReadSpec, spec: TokenizeSpec, out_dir: str) -> dict[str, Any]:
     """Tokenize one unit and commit its shard ``tokens/<name>`` (and quarantine file); return the shard's report."""
-    table, rows, bad, blank = tokenize_unit(unit, read, spec)
+    hasher = input_hasher()
+    table, rows, bad, blank = tokenize_unit(unit, read, spec, hasher)
     fault_point("tokenize.before_commit")
     out = output_path(out_dir)
     committed = write_shard(table, out / "tokens" / name)
@@ -89,5 +98,8 @@ def run_unit(unit: WorkUnit, name: str, read: ReadSpec, spec: TokenizeSpec, out_
         "length_histogram": length_histogram(spec, rows.untruncated),
         "bytes": committed.bytes,
         "sha256": committed.sha256,
+        # What the shard was made from (checked on resume): the unit's bytes (line files) or values (columnar).
+        "input_sha256": hasher.hexdigest(),
+        **({"input_etag": unit.file.etag} if unit.file.etag else {}),
     }
 
