@@ -109,8 +109,10 @@ def _run_stages(stages: tuple[str, ...], *, config: str, overrides: tuple[str, .
 def _write_report(out_dir: str, command: str, exit_status: int, error: str | None, started: float,
                   since: str) -> None:
     from pipeline.output.manifest import load_manifest
+    from pipeline.output.storage import output_path
     from pipeline.run.report import build_run_report, summary_line, write_run_report
 
+    out_dir = output_path(out_dir)
     if load_manifest(out_dir) is None:
         return  # the job stopped before it wrote anything
     report = build_run_report(out_dir, command, exit_status, error, time.monotonic() - started, since)

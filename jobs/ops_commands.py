@@ -13,6 +13,7 @@ import shutil
 import click
 
 from jobs.exit_codes import errors_to_exit_codes
+from pipeline.ops import INSPECT_ROWS, PLOT_LABELS, PLOT_SAMPLE
 
 
 def _terminal_width() -> int:
@@ -22,7 +23,7 @@ def _terminal_width() -> int:
 
 @click.command()
 @click.argument("path", type=click.Path())
-@click.option("--rows", "-n", default=3, show_default=True, type=click.IntRange(min=0),
+@click.option("--rows", "-n", default=INSPECT_ROWS, show_default=True, type=click.IntRange(min=0),
               help="How many of the first rows to show, decoded.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def inspect(path: str, rows: int, as_json: bool) -> None:
@@ -52,13 +53,13 @@ def inspect(path: str, rows: int, as_json: bool) -> None:
 @click.argument("out_dir", metavar="OUT", type=click.Path())
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
               help="Image to write (PNG; the suffix picks the format, e.g. .svg or .pdf).")
-@click.option("--sample", default=2000, show_default=True, type=click.IntRange(min=2),
+@click.option("--sample", default=PLOT_SAMPLE, show_default=True, type=click.IntRange(min=2),
               help="Rows drawn at random (seeded) from all embedding shards.")
 @click.option("--color-by", "color_by", metavar="COLUMN",
               help="Colour points by a column of the token or embedding shards (e.g. length), or by 'source': "
                    "the input file of the row id.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the sample: same seed, same picture.")
-@click.option("--labels", default=40, show_default=True, type=click.IntRange(min=0),
+@click.option("--labels", default=PLOT_LABELS, show_default=True, type=click.IntRange(min=0),
               help="At most this many points, spread out, labelled with their decoded text.")
 def plot(out_dir: str, out_path: str, sample: int, color_by: str | None, seed: int, labels: int) -> None:
     """Draw a 2-D PCA picture of a sample of OUT's embeddings.

@@ -13,6 +13,7 @@ import logging
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 import ray
 from ray.cluster_utils import Cluster
@@ -42,7 +43,7 @@ def config_path(settings: dict, out: str) -> str:
 
 
 def _nodes_used(out: str) -> list[str]:
-    shards = load_manifest(out)["stages"]["tokens"]["shards"].values()
+    shards = load_manifest(Path(out))["stages"]["tokens"]["shards"].values()
     return sorted({s["node"] for s in shards})
 
 

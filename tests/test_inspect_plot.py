@@ -20,7 +20,8 @@ from pipeline.config import validate_config
 from pipeline.data.reader import arrow_to_tensor
 from pipeline.ops.inspect import inspect_path
 from pipeline.ops.inspect_format import display_width, fit
-from pipeline.ops.plot import Fonts, label_text, load_sample, pca_2d, spread_order
+from pipeline.ops.plot import load_sample, pca_2d, spread_order
+from pipeline.ops.plot_render import Fonts, label_text
 from pipeline.output.shards import read_shard
 from pipeline.run.driver import run_job
 

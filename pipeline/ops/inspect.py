@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.errors import ConfigError
+from pipeline.ops import INSPECT_ROWS
 from pipeline.output.contract import DTYPE_METADATA_KEY, MANIFEST_NAME, STAGES
 from pipeline.output.manifest import load_manifest
 from pipeline.output.storage import is_remote, output_path
@@ -272,7 +273,7 @@ def _embedding_dims(value_type: pa.DataType) -> list[int]:
     return dims
 
 
-def inspect_path(path: str | Path, rows: int = 3) -> dict[str, Any]:
+def inspect_path(path: str | Path, rows: int = INSPECT_ROWS) -> dict[str, Any]:
     """A JSON-ready report on an output directory, a stage directory or a shard.
 
     For a directory: a per-shard summary (name, rows, bytes, committed per the manifest) and the first

@@ -154,20 +154,22 @@ def _rerun_outcome(config: JobConfig, out_dir: Any, old: dict[str, Any] | None, 
     return "resume: " + ", ".join(f"{stage} {todo[stage]} shards to write" for stage in stages), skip
 
 
+def _first_ten(items: list[str], more: str = "") -> list[str]:
+    """Indented lines for the first ten items, and how many more there are."""
+    lines = [f"    {item}" for item in items[:10]]
+    if len(items) > 10:
+        lines.append(f"    … {len(items) - 10} more{more}")
+    return lines
+
+
 def format_preview(p: PlanPreview) -> str:
     """Human-readable lines for the terminal."""
     lines = [f"plan for {p.out_dir}: stages {', '.join(p.stages)}",
              f"  input: {p.files} files, {p.rows:,} rows -> {len(p.units)} units / shards"]
-    for unit in p.units[:10]:
-        lines.append(f"    {unit['shard']}  {unit['rows']:>8,} rows  {unit['source']}")
-    if len(p.units) > 10:
-        lines.append(f"    … {len(p.units) - 10} more")
+    lines += _first_ten([f"{u['shard']}  {u['rows']:>8,} rows  {u['source']}" for u in p.units])
     if p.skipped:
         lines.append(f"  not read: {len(p.skipped)} files or folders of the input")
-        for entry in p.skipped[:10]:
-            lines.append(f"    {entry['path']}: {entry['reason']}")
-        if len(p.skipped) > 10:
-            lines.append(f"    … {len(p.skipped) - 10} more (--json lists them all)")
+        lines += _first_ten([f"{entry['path']}: {entry['reason']}" for entry in p.skipped], " (--json lists them all)")
     if p.increment:
         lines.append(f"  incremental: {len(p.increment['files'])} new files -> {p.increment['units']} new shards")
     lines.append(f"  estimate from {p.sample_rows} sampled rows: {p.tokens_per_row:.1f} tokens/row, "

@@ -13,7 +13,6 @@ import hashlib
 import json
 import platform
 from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -25,7 +24,7 @@ from pipeline.inputs.files import InputFile
 from pipeline.inputs.plan import WorkUnit
 from pipeline.output.contract import MANIFEST_NAME
 from pipeline.output.shards import commit_bytes
-from pipeline.output.storage import output_path
+from pipeline.output.storage import Location
 
 FORMAT_VERSION = 1
 _VERSIONED = ("pyarrow", "tokenizers", "transformers", "ray", "datasets", "torch")
@@ -73,14 +72,14 @@ def new_manifest(config: JobConfig, files: list[InputFile], units: list[WorkUnit
 _MANIFEST_KEYS = ("format_version", "config_hash", "plan", "stages")
 
 
-def load_manifest(out_dir: Path | str) -> dict[str, Any] | None:
-    """The manifest of ``out_dir`` (a local path or an fsspec URL), or None if there is none.
+def load_manifest(out_dir: Location) -> dict[str, Any] | None:
+    """The manifest of ``out_dir`` (see :func:`pipeline.output.storage.output_path`), or None if there is none.
 
     Raises:
         ConfigError: ``manifest.json`` is not an embedpipe manifest (unreadable, or not the record embedpipe
             writes); embedpipe never overwrites it.
     """
-    path = output_path(out_dir) / MANIFEST_NAME
+    path = out_dir / MANIFEST_NAME
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (FileNotFoundError, NotADirectoryError):
@@ -125,13 +124,13 @@ def _shape_problem(manifest: dict[str, Any]) -> str | None:
     return None
 
 
-def save_manifest(out_dir: Path | str, manifest: dict[str, Any]) -> None:
+def save_manifest(out_dir: Location, manifest: dict[str, Any]) -> None:
     """Replace the manifest atomically."""
     manifest["updated_at"] = now()
     # orjson, not json: json indents in pure Python, and a run rewrites the manifest (a record per shard)
     # every second on a core the workers need: 16 ms per save at 356 shards against 0.4 ms.
     blob = orjson.dumps(manifest, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
-    commit_bytes(blob, output_path(out_dir) / MANIFEST_NAME)
+    commit_bytes(blob, out_dir / MANIFEST_NAME)
 
 
 def differences(old: dict[str, Any], new: dict[str, Any], increment: bool = False) -> list[str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ConfigError
@@ -10,13 +9,14 @@ from pipeline.output.contract import EMBEDDINGS, QUARANTINE_DIR, STAGES
 from pipeline.output.manifest import differences, embedding_differences, load_manifest
 from pipeline.output.ownership import files_in_the_way, foreign_entries, remove_owned
 from pipeline.output.shards import file_sha256
-from pipeline.output.storage import is_remote, output_path
+from pipeline.output.storage import Location, is_remote
 
 
-def prepare_output(out_dir: Path | str, fresh: dict[str, Any], force: bool,
+def prepare_output(out_dir: Location, old: dict[str, Any] | None, fresh: dict[str, Any], force: bool,
                    increment: dict[str, Any] | None = None,
                    stages: tuple[str, ...] = STAGES) -> dict[str, Any]:
-    """The manifest to continue with: the existing one if it is the same job, else ``fresh``.
+    """The manifest to continue with: ``old`` (OUT's manifest, read under the lock) if it is the same job,
+    else ``fresh``.
 
     Call it only once every check that can refuse the job has passed: with ``force`` it deletes what
     embedpipe wrote for the stages it redoes (never anything else, see :mod:`pipeline.output.ownership`).
@@ -29,8 +29,6 @@ def prepare_output(out_dir: Path | str, fresh: dict[str, Any], force: bool,
             encoder settings) and ``force`` is off; OUT holds files that are not embedpipe's where a job
             writes, or holds other files and is not an embedpipe output and ``force`` is off.
     """
-    out_dir = output_path(out_dir)
-    old = load_manifest(out_dir)
     if old is None:
         _check_fresh_directory(out_dir, force)
         return fresh
@@ -65,7 +63,7 @@ def prepare_output(out_dir: Path | str, fresh: dict[str, Any], force: bool,
     return old
 
 
-def check_output_directory(out_dir: Any, force: bool) -> None:
+def check_output_directory(out_dir: Location, force: bool) -> None:
     """Refuse, before anything is written (the lock included), an OUT that no job may write into.
 
     Raises:
@@ -98,15 +96,14 @@ def _some(names: list[str], shown: int = 5) -> str:
     return ", ".join(names[:shown]) + more
 
 
-def looks_committed(out_dir: Path | str, stage: str, record: dict[str, Any]) -> bool:
+def looks_committed(out_dir: Location, stage: str, record: dict[str, Any]) -> bool:
     """The cheap check: the shard the manifest lists is there with the recorded size (no re-hash)."""
-    path = output_path(out_dir) / stage / record["name"]
+    path = out_dir / stage / record["name"]
     return path.is_file() and path.stat().st_size == record.get("bytes")
 
 
-def committed_ok(out_dir: Path | str, stage: str, record: dict[str, Any]) -> bool:
+def committed_ok(out_dir: Location, stage: str, record: dict[str, Any]) -> bool:
     """Whether a shard the manifest lists is on disk (or in the store) as committed: same size, same sha256."""
-    out_dir = output_path(out_dir)
     path = out_dir / stage / record["name"]
     if not path.is_file() or path.stat().st_size != record["bytes"]:
         return False

@@ -22,7 +22,7 @@ import pyarrow as pa
 from pipeline.errors import InputError
 from pipeline.faults import fault_point
 from pipeline.output.contract import DATASET_INFO_NAME, DATASET_STATE_NAME, STAGING_DIR
-from pipeline.output.storage import is_remote, output_path, put_object
+from pipeline.output.storage import Location, is_remote, output_path, put_object
 
 # Rows per IPC record batch, as datasets' ArrowWriter does by default.
 BATCH_ROWS = 1000
@@ -45,13 +45,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def commit_bytes(data: bytes | memoryview, final_path: Path | str) -> CommittedFile:
+def commit_bytes(data: bytes | memoryview, final_path: Location) -> CommittedFile:
     """Write ``data`` to ``final_path`` atomically: staging name, fsync, rename, fsync the directory.
 
     On any failure the staging file is removed and nothing appears at ``final_path``. On an object
     store the bytes are uploaded whole in one call (see :func:`pipeline.output.storage.put_object`).
     """
-    final_path = output_path(final_path)
     if is_remote(final_path):
         return _commit_object(data, final_path)
     staging = final_path.parent / STAGING_DIR
@@ -142,9 +141,8 @@ def read_shard_and_sha256(path: Path | str, checksum: bool = True) -> tuple[pa.T
     return table, file_sha256(path) if checksum else None
 
 
-def clean_staging(directory: Path) -> int:
+def clean_staging(directory: Location) -> int:
     """Remove leftovers of interrupted commits; returns how many files went (none on an object store)."""
-    directory = output_path(directory)
     if is_remote(directory):
         return 0
     staging = directory / STAGING_DIR
@@ -157,7 +155,7 @@ def clean_staging(directory: Path) -> int:
     return removed
 
 
-def write_dataset_metadata(directory: Path, schema: pa.Schema, shard_names: list[str], fingerprint: str) -> None:
+def write_dataset_metadata(directory: Location, schema: pa.Schema, shard_names: list[str], fingerprint: str) -> None:
     """Write ``dataset_info.json`` and ``state.json`` so that ``datasets.load_from_disk`` reads the shards."""
     from datasets import Features  # only here: importing datasets costs seconds
 
@@ -172,6 +170,5 @@ def write_dataset_metadata(directory: Path, schema: pa.Schema, shard_names: list
         "_output_all_columns": False,
         "_split": None,
     }
-    directory = output_path(directory)
     commit_bytes(json.dumps(info, indent=2, sort_keys=True).encode(), directory / DATASET_INFO_NAME)
     commit_bytes(json.dumps(state, indent=2, sort_keys=True).encode(), directory / DATASET_STATE_NAME)

@@ -15,14 +15,18 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 from upath import UPath
 
 _LOCAL_PROTOCOLS = ("", "file", "local")
 
+Location = Union[Path, UPath]
+"""An output location as :func:`output_path` resolves it, once, where a command or a worker task starts:
+the one object the layers below take (they do not coerce strings again)."""
 
-def output_path(location: str | Path) -> Any:
+
+def output_path(location: str | Path) -> Location:
     """The output ``location`` as a path object: ``pathlib.Path`` when local, ``UPath`` for a URL."""
     if isinstance(location, Path):
         return location

@@ -126,7 +126,7 @@ def _run_job(config: JobConfig, stages: tuple[str, ...], force: bool, progress: 
         files = discover(config.input.path, config.input.format, exclude=config.output.path)
         check_columns(files, config.input.text_column, config.input.id_column)
         check_output_directory(out_dir, force)
-        with output_lock(config.output.path, command="+".join(stages)) as lock:
+        with output_lock(out_dir, command="+".join(stages)) as lock:
             if lock.previous:
                 log.warning("took over the lock of %s left by a job that is gone: %s",
                             config.output.path, lock.previous.describe())
@@ -151,7 +151,7 @@ def _run_job(config: JobConfig, stages: tuple[str, ...], force: bool, progress: 
                 if changed:  # --force: start over rather than mix two versions of the input
                     fresh["input"]["content_changed"] = changed
                 stop.check()  # nothing touched yet
-                manifest = prepare_output(out_dir, fresh, force, plan.increment, stages)
+                manifest = prepare_output(out_dir, old, fresh, force, plan.increment, stages)
                 record = JobRecord(manifest, out_dir, len(plan.units), started)
                 return _Job(config, spec, plan.units, plan.names, record, encoders, progress, stop).run(stages)
 

@@ -173,21 +173,19 @@ class JobRecord:
 
     def fail(self, message: str, peak_rss_mb: float) -> JobFailed:
         """Mark the running stages and the job failed, save, and return the error to raise."""
-        self.close_run("failed", peak_rss_mb)
-        for stage in self.manifest["stages"].values():
-            if stage.get("status") == "running":
-                stage["status"] = "failed"
-        self.manifest["status"] = "failed"
-        self.save(force=True)
+        self._stop_run("failed", peak_rss_mb)
         return JobFailed(message)
 
     def interrupt(self, peak_rss_mb: float) -> None:
         """Mark the running stages and the job interrupted (by a signal) and save: a rerun resumes."""
-        self.close_run("interrupted", peak_rss_mb)
+        self._stop_run("interrupted", peak_rss_mb)
+
+    def _stop_run(self, status: str, peak_rss_mb: float) -> None:
+        self.close_run(status, peak_rss_mb)
         for stage in self.manifest["stages"].values():
             if stage.get("status") == "running":
-                stage["status"] = "interrupted"
-        self.manifest["status"] = "interrupted"
+                stage["status"] = status
+        self.manifest["status"] = status
         self.save(force=True)
 
     def committed_summary(self) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 from pipeline.output.contract import REPORTS_DIR
 from pipeline.output.manifest import load_manifest
 from pipeline.output.shards import commit_bytes
-from pipeline.output.storage import output_path
+from pipeline.output.storage import Location
 
 
 def peak_rss_mb() -> float:
@@ -24,7 +24,7 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def build_run_report(out_dir: Path | str, command: str, exit_status: int, error: str | None,
+def build_run_report(out_dir: Location, command: str, exit_status: int, error: str | None,
                      seconds: float, since: str) -> dict[str, Any]:
     """The report of the run that just ended on ``out_dir`` (works on a failed run's manifest too).
 
@@ -59,10 +59,10 @@ def build_run_report(out_dir: Path | str, command: str, exit_status: int, error:
     }
 
 
-def write_run_report(out_dir: Path | str, report: dict[str, Any]) -> Path:
+def write_run_report(out_dir: Location, report: dict[str, Any]) -> Path:
     """Commit the report atomically under ``OUT/reports/`` and return its path."""
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
-    path = output_path(out_dir) / REPORTS_DIR / f"{stamp}.json"
+    path = out_dir / REPORTS_DIR / f"{stamp}.json"
     commit_bytes(json.dumps(report, indent=1, sort_keys=True).encode("utf-8"), path)
     return path
 
