@@ -97,7 +97,8 @@ def test_plan_and_status_predict_what_run_redoes_on_a_damaged_output(setup, tmp_
     (out / "tokens" / damaged).unlink()
     status = json.loads(embedpipe("status", str(out), "--json").stdout)
     by_stage = {s["stage"]: s for s in status["stages"]}
-    assert by_stage["tokens"]["damaged"] == [damaged] and by_stage["embeddings"]["damaged"] == [damaged]
+    assert by_stage["tokens"]["damaged"] == [damaged] and by_stage["embeddings"]["damaged"] == []
+    assert by_stage["embeddings"]["stale"] == [damaged] and by_stage["embeddings"]["committed"] == 4
     preview = json.loads(embedpipe("plan", setup["config"], "-o", str(out), "--json").stdout)
     assert preview["would_skip"] == {"tokens": 4, "embeddings": 4}
 

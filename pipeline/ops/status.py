@@ -12,6 +12,7 @@ from typing import Any
 from pipeline.output.contract import STAGES, TOKENS
 from pipeline.output.lock import lock_holder
 from pipeline.output.manifest import load_manifest
+from pipeline.output.outdir import looks_committed
 from pipeline.output.storage import output_path
 from pipeline.run.increments import plan_names
 from pipeline.run.job_record import committed_records
@@ -27,8 +28,11 @@ class StageStatus:
     committed: int
     missing: list[str]
     damaged: list[str]
+    """Listed shards whose file is gone or has another size."""
     rows: int
     quarantined: int
+    stale: list[str] = field(default_factory=list)
+    """Embedding shards intact on disk whose token shard a rerun redoes (gone or altered)."""
 
 
 @dataclass
@@ -63,12 +67,14 @@ def output_status(out_dir: Path | str) -> OutputStatus:
         shards = record.get("shards", {})
         # what a rerun would keep, by the cheap size check (see pipeline.run.job_record)
         kept[stage] = committed_records(manifest, out_dir, stage, checksum=False, tokens=kept.get(TOKENS))
-        damaged = sorted(name for name in shards if name not in kept[stage])
+        intact = {name for name, shard in shards.items() if looks_committed(out_dir, stage, shard)}
+        damaged = sorted(name for name in shards if name not in intact)
+        stale = sorted(name for name in intact if name not in kept[stage])
         stages.append(StageStatus(
-            stage=stage, status=record.get("status", "?"), planned=len(planned), committed=len(shards) - len(damaged),
-            missing=[name for name in planned if name not in shards], damaged=damaged,
+            stage=stage, status=record.get("status", "?"), planned=len(planned),
+            committed=len(kept[stage]), missing=[name for name in planned if name not in shards], damaged=damaged,
             rows=sum(s.get("rows", 0) for s in shards.values()),
-            quarantined=sum(s.get("quarantined", 0) for s in shards.values()),
+            quarantined=sum(s.get("quarantined", 0) for s in shards.values()), stale=stale,
         ))
     status = manifest.get("status", "?")
     if status == "running" and holder is None:
@@ -87,6 +93,9 @@ def format_status(status: OutputStatus) -> str:
         lines.append(line)
         if s.damaged:
             lines.append(f"  {'':<10} damaged or altered: {', '.join(s.damaged[:5])} (a rerun redoes them)")
+        if s.stale:
+            lines.append(f"  {'':<10} made from a token shard a rerun redoes: {', '.join(s.stale[:5])} "
+                         "(a rerun redoes them too)")
     if status.lock:
         lines.append(f"  lock: held by pid {status.lock['pid']} on {status.lock['host']} since {status.lock['started_at']}")
     else:
