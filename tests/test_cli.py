@@ -153,3 +153,13 @@ def test_environment_variables_of_the_cron_recipes_and_status_interrupted(tmp_pa
     with output_lock(quiet, command="test"):
         held = embedpipe("status", str(quiet), "--json")
     assert json.loads(held.stdout)["job_status"] == "running", held.stdout
+
+
+@pytest.mark.parametrize("example", ["conf/clip-77.yaml", "conf/decoder-left-pad.yaml"])
+def test_worked_examples_without_their_models_stop_before_any_work_naming_encoder_model(example, tmp_path):
+    """README: `run` on a worked example whose /models copy is absent exits 2 naming encoder.model, writing nothing."""
+    out = tmp_path / "out"
+    done = embedpipe("run", example, "-o", str(out), "--no-progress")
+    assert done.returncode == 2, done.stderr
+    assert "encoder.model" in done.stderr and "/models/" in done.stderr
+    assert not (out / "tokens").exists() and not (out / "manifest.json").exists()

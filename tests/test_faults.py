@@ -102,16 +102,29 @@ def test_kill_at_a_fault_point_then_rerun_is_identical(job, site, seed, tmp_path
     _finish_and_check(job, out, first.returncode)
 
 
+def _listed(out: Path) -> int:
+    """Shards of either stage the manifest lists now (0 before it exists or while it is being replaced)."""
+    try:
+        return sum(len(s["shards"]) for s in manifest(out)["stages"].values())
+    except (FileNotFoundError, KeyError, ValueError):
+        return 0
+
+
 @pytest.mark.parametrize("seed", SEEDS)
 def test_driver_killed_from_outside_at_a_random_time(job, seed, tmp_path):
+    """kill -9 of the driver once k of the 2N shard records are in the manifest (k drawn from the seed)."""
     out = tmp_path / "out"
-    delay = random.Random(seed).uniform(1.0, job["seconds"])
+    total = 2 * (ROWS // SHARD_ROWS)
+    k = random.Random(seed).randint(1, total // 2)
     process = start_embedpipe("run", job["config"], "-o", str(out), "--no-progress")
-    try:
-        process.wait(timeout=delay)
-    except Exception:  # noqa: BLE001 - still running: the point of the test
-        process.send_signal(signal.SIGKILL)
-        process.wait()
+    deadline = time.monotonic() + 300
+    while _listed(out) < k and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    listed = _listed(out)  # the driver is dead: the manifest cannot change any more
+    assert process.returncode == -signal.SIGKILL, "the job ended before the kill"
+    assert k <= listed < total, f"killed with {listed} of {total} shards listed (wanted at least {k}, not all)"
     _finish_and_check(job, out, process.returncode)
 
 
