@@ -16,7 +16,7 @@ from cli_runs import REPO, embedpipe, manifest, output_files, start_embedpipe
 
 pytestmark = pytest.mark.faults
 
-ROWS, SHARD_ROWS = 600, 60
+ROWS, SHARD_ROWS = 1200, 60
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +29,24 @@ def job(tmp_path_factory) -> dict:
     args = ["conf/default.yaml", "--set", f"input.path={corpus}", "--set", "input.id_column=id",
             "--set", f"output.shard_rows={SHARD_ROWS}", "--set", "tokenizer.max_length=128", "--no-progress"]
     reference = root / "reference"
-    done = embedpipe("run", *args, "-o", str(reference), timeout=600)
+    done = embedpipe("run", *args, "-o", str(reference), "--log-format", "json", timeout=600)
     assert done.returncode == 0, done.stderr
-    return {"args": args, "reference": output_files(reference)}
+    return {"args": args, "reference": output_files(reference), "log": done.stderr}
+
+
+def test_progress_lines_come_at_most_every_5_s_per_stage(job):
+    """The README's promise for logs of scheduled runs (no terminal): one progress line per stage per 5 s,
+    and the stage's last line whenever it finishes. Read from the undisturbed run's JSON log."""
+    from datetime import datetime
+
+    events = [json.loads(line) for line in job["log"].splitlines() if '"progress"' in line]
+    for stage in ("tokenize", "embed"):
+        times = [datetime.fromisoformat(e["ts"]) for e in events
+                 if e["stage"] == stage and e["shards_done"] < e["shards_total"]]
+        gaps = [(b - a).total_seconds() for a, b in zip(times, times[1:])]
+        assert all(gap >= 5.0 for gap in gaps), (stage, gaps)
+        assert any(e["stage"] == stage and e["shards_done"] == e["shards_total"] for e in events), stage
+    assert len([e for e in events if e["stage"] == "embed"]) >= 3  # enough lines for the gaps to mean something
 
 
 def _committed(out: Path, stage: str) -> int:
