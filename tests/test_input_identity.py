@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from cli_runs import REPO, embedpipe, manifest, output_files
+from cli_runs import embedpipe, manifest, output_files
 
 from pipeline.errors import ConfigError
 from pipeline.inputs import identity
@@ -268,11 +268,9 @@ def test_content_tags_come_from_the_stores_info():
 
 # ---------------------------------------------------------------- end to end, through the CLI
 
-DRIVER_WIRED = "check_committed_inputs" in (REPO / "pipeline" / "run" / "driver.py").read_text()
 
 
-@pytest.mark.skipif(not DRIVER_WIRED, reason="needs pipeline/run/driver.py to call "
-                                             "pipeline.inputs.identity.check_committed_inputs (issue 20)")
+@pytest.mark.slow
 def test_a_same_size_same_mtime_edit_after_an_interrupted_run_is_refused(tmp_path, wordpiece_dir):
     corpus = tmp_path / "c.jsonl"
     _write(corpus, TEXTS)
