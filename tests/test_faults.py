@@ -2,7 +2,7 @@
 
 Each case runs the real CLI in a subprocess (its own local Ray cluster) with
 ``EMBEDPIPE_FAULT`` choosing where the n-th arrival dies (n drawn from the seed),
-or kills the driver from outside after a random delay. Then: reruns until the
+or kills the driver from outside once k of the 2N shard records are listed. Then: reruns until the
 job reports done, and compares every published file with an undisturbed run's;
 ``embedpipe verify`` must pass. Behind the ``faults`` marker (``make test-faults``,
 run by ``.ci/run``): about 5 minutes on two cores.
