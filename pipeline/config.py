@@ -72,11 +72,17 @@ class EncoderConfig(_Section):
     final_layer_norm: bool | None = None
     normalize: bool = False
     use_attention_mask: bool = True
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    # auto: bfloat16 on a GPU, float32 on a CPU (bfloat16 there too where asked: oneDNN's AVX512-BF16 / AMX kernels).
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    # CUDA only: float32 matmuls on TF32 tensor cores (off: exact float32, as on a CPU).
+    tf32: bool = False
     output_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     # Unset: 16384 on a GPU; 2048 on a CPU, where big batches run ~10% slower per token (cache misses).
     max_tokens_per_batch: int | None = Field(default=None, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Rows per piece of a token shard; pieces of one shard are embedded by every encoder actor at once.
+    # Unset: 128 on a CPU, 8192 on a GPU. Part of what a shard's bytes depend on (a piece is batched alone).
+    piece_rows: int | None = Field(default=None, gt=0)
     # On CPU, float32 linear layers on oneDNN with weights packed once (faster than torch's MKL default,
     # see pipeline/encode/cpu_linear.py); "torch" keeps torch's own kernels. Not used on a GPU.
     cpu_linear: Literal["onednn", "torch"] = "onednn"

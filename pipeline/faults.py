@@ -21,8 +21,9 @@ from pathlib import Path
 SITES = (
     "tokenize.before_commit",  # a tokenize worker, its shard computed, nothing written
     "tokenize.after_commit",   # a tokenize worker, shard renamed into place, not yet reported
-    "embed.before_commit",     # an encoder actor, a shard's embeddings computed, nothing written
-    "embed.after_commit",      # an encoder actor, shard renamed into place, not yet reported
+    "embed.after_piece",       # an encoder actor, a piece of a shard computed, not yet returned
+    "embed.before_commit",     # the task committing a shard, its pieces gathered, nothing written
+    "embed.after_commit",      # the task committing a shard, shard renamed into place, not yet reported
     "commit.before_rename",    # any process: a file written and fsynced under its staging name
     "commit.write",            # any process: about to write a file's bytes (use with :enospc)
     "driver.after_record",     # the driver, a shard recorded in memory, the manifest not yet rewritten

@@ -74,9 +74,24 @@ class EncodeOptions:
         return cls(
             pooling=encoder.pooling, layer=encoder.layer, final_layer_norm=encoder.final_layer_norm,
             normalize=encoder.normalize, use_attention_mask=encoder.use_attention_mask,
-            dtype=TORCH_DTYPES[encoder.dtype], output_dtype=encoder.output_dtype,
+            dtype=TORCH_DTYPES[resolve_dtype(encoder.dtype, device)], output_dtype=encoder.output_dtype,
             max_tokens_per_batch=encoder.max_tokens_per_batch or DEFAULT_TOKENS_PER_BATCH[device],
         )
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """``encoder.dtype`` for ``device``: ``auto`` is bfloat16 on a GPU and float32 on a CPU."""
+    if dtype == "auto":
+        return "bfloat16" if device == "cuda" else "float32"
+    return dtype
+
+
+def compute_lengths(input_ids, attention_mask, token_type_ids, options: EncodeOptions, *,
+                    padding_side: str = "right") -> np.ndarray:
+    """Per row, the tokens :func:`encode_rows` computes for it: the real tokens, or the stored width
+    when the model sees the padding (``use_attention_mask`` off). The length order of batches and pieces."""
+    return _Rows(input_ids, attention_mask, token_type_ids, padding_side,
+                 full_width=not options.use_attention_mask).compute_lengths()
 
 
 @dataclass(frozen=True)

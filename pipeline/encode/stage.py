@@ -1,9 +1,10 @@
-"""One token shard of the embed stage, start to finish, without Ray.
+"""The embed stage's work on token shards, without Ray.
 
-read ``tokens/<shard>`` (memory-mapped) -> encode -> commit ``embeddings/<shard>``
-with the same rows in the same order; return a report for the manifest. A
-:class:`ShardEncoder` loads its model once and is reused for every shard (the
-Ray encoder actor is a thin wrapper around it).
+read ``tokens/<shard>`` (memory-mapped) -> encode its pieces -> commit ``embeddings/<shard>`` with the
+same rows in the same order; return a report for the manifest. A :class:`ShardEncoder` loads its model
+once and is reused for every piece of every shard (the Ray encoder actor is a thin wrapper around it);
+the pieces of one shard may be embedded by many encoders and are committed once by
+:func:`pipeline.encode.pieces.assemble_shard`.
 """
 
 from __future__ import annotations
@@ -13,21 +14,20 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from pipeline.faults import fault_point
-from pipeline.output.contract import EMBEDDINGS, TOKENS
-from pipeline.output.embedding_format import (
-    bfloat16_bits_to_float32,
-    count_nonfinite,
-    embedding_arrow_field,
-    embeddings_to_arrow,
+from pipeline.encode.pieces import (
+    DEFAULT_PIECE_ROWS,
+    Piece,
+    assemble_shard,
+    length_order,
+    piece_count,
+    piece_rows_of,
 )
-from pipeline.output.shards import read_shard_and_sha256, write_shard
+from pipeline.faults import fault_point
+from pipeline.output.contract import TOKENS
+from pipeline.output.embedding_format import embedding_arrow_field
+from pipeline.output.shards import read_shard_and_sha256
 from pipeline.output.storage import output_path
-
-# How many ids of non-finite rows a shard report names (the count is always exact).
-_NONFINITE_IDS_KEPT = 20
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,15 @@ class EmbedSpec:
     hidden_size: int  # D of the stored vectors, from the model's config
     num_threads: int | None = None  # torch CPU threads; None leaves torch's default
     cpu_linear: str = "onednn"  # "onednn": pack float32 linear layers for oneDNN on CPU; "torch": leave them
+    tf32: bool = False  # CUDA float32 matmuls on TF32 tensor cores (faster, ~1e-3 relative error)
+    piece_rows: int = DEFAULT_PIECE_ROWS["cpu"]  # rows per piece of a shard (pipeline.encode.pieces)
+
+    def computed_with(self) -> dict[str, Any]:
+        """The resolved settings a shard's bytes depend on beyond the config (``device: auto`` resolved):
+        recorded in the manifest, so that a resumed job never mixes shards computed two ways."""
+        return {"device": self.device, "dtype": str(self.options.dtype).removeprefix("torch."),
+                "tf32": self.tf32 and self.device == "cuda", "piece_rows": self.piece_rows,
+                "max_tokens_per_batch": self.options.max_tokens_per_batch}
 
 
 def embedding_schema(spec: EmbedSpec, with_chunk: bool) -> pa.Schema:
@@ -84,11 +93,12 @@ def token_arrays(table: pa.Table) -> tuple[Any, np.ndarray | None, Any]:
 
 
 class ShardEncoder:
-    """Holds one loaded encoder and embeds whole token shards with it."""
+    """Holds one loaded encoder and embeds pieces of token shards with it (see :mod:`pipeline.encode.pieces`)."""
 
     def __init__(self, spec: EmbedSpec) -> None:
         self.spec = spec
         self._model = None
+        self._shard: _OpenShard | None = None
 
     @property
     def model(self) -> Any:
@@ -120,46 +130,66 @@ class ShardEncoder:
         """Load the model now (a bad model surfaces here as ConfigError); True once it is in memory."""
         return self.model is not None
 
-    def embed_shard(self, out_dir: str, name: str) -> dict[str, Any]:
-        """Embed ``tokens/<name>`` into ``embeddings/<name>``; return the shard's report."""
+    def pieces(self, rows: int) -> int:
+        """How many pieces a token shard of ``rows`` rows is embedded in."""
+        return piece_count(rows, self.spec.piece_rows)
+
+    def embed_piece(self, out_dir: str, name: str, piece: int) -> tuple[dict[str, Any], Piece]:
+        """Embed piece ``piece`` of ``tokens/<name>``; return (a small status for the driver, the piece)."""
         from pipeline.encode.forward import encode_rows
 
-        out = output_path(out_dir)
-        tokens, tokens_sha256 = read_shard_and_sha256(out / TOKENS / name)
-        input_ids, mask, type_ids = token_arrays(tokens)
+        shard = self._open(out_dir, name)
+        rows = piece_rows_of(shard.order, piece, self.spec.piece_rows)
+        input_ids, mask, type_ids = (_take(column, rows) for column in shard.arrays)
         embeddings = encode_rows(self.model, input_ids, mask, type_ids, self.spec.options,
                                  padding_side=self.spec.padding_side)
-        schema = embedding_schema(self.spec, "chunk" in tokens.column_names)
-        columns = [tokens.column("id")]
-        if "chunk" in tokens.column_names:
-            columns.append(tokens.column("chunk"))
-        columns.append(embeddings_to_arrow(embeddings, schema.field("embedding")))
-        fault_point("embed.before_commit")
-        committed = write_shard(pa.Table.from_arrays(columns, schema=schema), out / EMBEDDINGS / name)
-        fault_point("embed.after_commit")
-        bad = count_nonfinite(embeddings, self.spec.options.output_dtype)
-        return {
-            "name": name,
-            "rows": len(embeddings),
-            "tokens": int(pc.sum(tokens.column("length")).as_py() or 0),
-            "bytes": committed.bytes,
-            "sha256": committed.sha256,
-            "tokens_sha256": tokens_sha256,
-            "nonfinite_rows": int(np.count_nonzero(bad)),
-            "nonfinite_ids": [tokens.column("id")[int(i)].as_py() for i in np.flatnonzero(bad)[:_NONFINITE_IDS_KEPT]],
-            "mean_norm": _mean_norm(embeddings, bad, self.spec.options.output_dtype),
-        }
+        fault_point("embed.after_piece")
+        status = {"name": name, "piece": piece, "rows": len(rows), "tokens_sha256": shard.sha256}
+        return status, Piece(rows.astype(np.int64), embeddings, shard.sha256)
+
+    def embed_shard(self, out_dir: str, name: str) -> dict[str, Any]:
+        """Embed every piece of ``tokens/<name>`` here and commit ``embeddings/<name>``; return its report.
+
+        The same bytes as the pieces embedded by many encoders and assembled (see :mod:`pipeline.encode.pieces`).
+        """
+        shard = self._open(out_dir, name)
+        pieces = [self.embed_piece(out_dir, name, p)[1] for p in range(self.pieces(shard.rows))]
+        self._shard = None  # the next call reads the shard afresh
+        return assemble_shard(out_dir, name, embedding_schema(self.spec, shard.with_chunk),
+                              self.spec.options.output_dtype, pieces)
+
+    def _open(self, out_dir: str, name: str) -> _OpenShard:
+        """The token shard's arrays and length order, read and hashed once for all its pieces."""
+        if self._shard is None or (self._shard.out_dir, self._shard.name) != (out_dir, name):
+            from pipeline.encode.forward import compute_lengths
+
+            self._shard = None  # the last shard's arrays are released before the next one is read
+            tokens, sha256 = read_shard_and_sha256(output_path(out_dir) / TOKENS / name)
+            arrays = token_arrays(tokens)
+            lengths = compute_lengths(*arrays, self.spec.options, padding_side=self.spec.padding_side)
+            self._shard = _OpenShard(out_dir, name, sha256, arrays, length_order(lengths), tokens.num_rows,
+                                     "chunk" in tokens.column_names)
+        return self._shard
 
 
-def _mean_norm(embeddings: np.ndarray, bad: np.ndarray, output_dtype: str) -> float | None:
-    """Mean L2 norm of the finite rows (per-token output: of every position's vector)."""
-    good = embeddings[bad == 0]
-    if not len(good):
+@dataclass(frozen=True)
+class _OpenShard:
+    out_dir: str
+    name: str
+    sha256: str
+    arrays: tuple[Any, Any, Any]
+    order: np.ndarray
+    rows: int
+    with_chunk: bool
+
+
+def _take(column: Any, rows: np.ndarray) -> Any:
+    """Rows of a (N, L) matrix or of a list of 1-D rows; None stays None."""
+    if column is None:
         return None
-    if output_dtype == "bfloat16":  # bit patterns: widen to float32 by shifting into the high half
-        good = bfloat16_bits_to_float32(good)
-    vectors = good.reshape(-1, good.shape[-1]).astype(np.float32)
-    return float(np.linalg.norm(vectors, axis=1).mean())
+    if isinstance(column, np.ndarray):
+        return column[rows]
+    return [column[int(i)] for i in rows]
 
 
 def plan_embed(config: Any, tokenize_spec: Any, device: str, num_threads: int | None) -> EmbedSpec:
@@ -202,5 +232,5 @@ def plan_embed(config: Any, tokenize_spec: Any, device: str, num_threads: int | 
         allow_pickle=enc.allow_pickle, trust_remote_code=enc.trust_remote_code,
         padding_side=tokenize_spec.padding_side, seq_len=tokenize_spec.fixed_width,
         hidden_size=int(text.hidden_size), num_threads=num_threads,
-        cpu_linear=enc.cpu_linear,
+        cpu_linear=enc.cpu_linear, tf32=enc.tf32, piece_rows=enc.piece_rows or DEFAULT_PIECE_ROWS[device],
     )

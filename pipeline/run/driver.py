@@ -227,18 +227,20 @@ class _Job:
         pool = EncoderPool(self.encoders) if EMBEDDINGS in stages else None
         if pool:
             pool.start()
-        while queue or token_refs or waiting_shards or (pool and pool.in_flight):
+        while queue or token_refs or waiting_shards or (pool and (pool.busy() or pool.shards)):
             if self.stop.requested:  # submit nothing more; let what is in flight finish within the grace period
                 queue.clear()
                 waiting_shards.clear()
-                if not (token_refs or (pool and pool.in_flight)) or self.stop.out_of_time():
+                if pool:
+                    pool.abandon_unstarted()
+                if not (token_refs or (pool and pool.busy())) or self.stop.out_of_time():
                     raise self.stop.error(self.record.committed_summary())
             submit_tokenize()
             if pool:
-                pool.submit(waiting_shards, str(self.out_dir))
+                pool.submit(waiting_shards, self._token_rows, str(self.out_dir))
             # Model loads first: a load that failed on bad settings must surface as such, not as a shard error.
             # A timeout, so that a signal is seen within half a second however long the shards take.
-            pending = [*pool.loading, *token_refs, *pool.in_flight] if pool else [*token_refs]
+            pending = [*pool.loading, *token_refs, *pool.in_flight, *pool.assembling] if pool else [*token_refs]
             ready, _ = ray.wait(pending, num_returns=1, timeout=0.5)
             for ref in ready:
                 if pool and ref in pool.loading:
@@ -252,12 +254,21 @@ class _Job:
                         self._record(TOKENS, report["name"], report, skipped[TOKENS])
                         if pool:
                             waiting_shards.append(report["name"])
-                else:
-                    name, actor = pool.finished(ref)
-                    report = self._collect(ref, f"embedding of tokens/{name}", (EMBEDDINGS, name))
-                    if report is _RETRY:
-                        waiting_shards.insert(0, name)
+                elif ref in pool.in_flight:
+                    name, piece, actor = pool.finished(ref)
+                    status = self._collect(ref, f"embedding of tokens/{name} (piece {piece})", (EMBEDDINGS, name, piece))
+                    if status is _RETRY:
+                        pool.retry_piece(name, piece)
                         pool.replace(actor)
+                    elif status:
+                        pool.piece_done(name, status, str(self.out_dir))
+                    else:
+                        pool.drop(name)
+                else:
+                    name = pool.committed(ref)
+                    report = self._collect(ref, f"commit of embeddings/{name}", (EMBEDDINGS, name))
+                    if report is _RETRY:  # its pieces may have been lost with the node: embed the shard again
+                        waiting_shards.insert(0, name)
                     elif report:
                         self._record(EMBEDDINGS, name, report, skipped.get(EMBEDDINGS, 0))
             self.record.save()
@@ -265,6 +276,10 @@ class _Job:
             raise self.stop.error(self.record.committed_summary())
         for ref in list(pool.loading if pool else []):  # no shard was left to embed before these models loaded
             pool.loaded(ref)
+
+    def _token_rows(self, name: str) -> int:
+        """Rows of a committed token shard, from the job record (what its embedding is cut into pieces by)."""
+        return self.record.stage(TOKENS)["shards"][name]["rows"]
 
     def _collect(self, ref: Any, what: str, key: tuple[str, Any]) -> dict[str, Any] | object | None:
         """The task's report; ``_RETRY`` after a system failure (a process or node lost) with attempts left;
