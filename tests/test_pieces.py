@@ -173,3 +173,28 @@ def test_bytes_are_the_same_for_one_two_and_three_actors(tmp_path, tiny_bert):
 def test_encoder_resources_reads_the_session_cluster(ray_cluster):
     config = validate_config({"input": {"path": "x"}})
     assert encoder_resources(config)[:2] == ("cpu", 2)
+
+
+def test_a_resumed_job_never_mixes_embeddings_computed_two_ways(ray_cluster, tmp_path, tiny_bert):
+    """The settings resolved on the cluster (device auto, its default dtype and budgets, piece size) are
+    recorded; a run that would resolve them otherwise is refused, and --force redoes the embeddings."""
+    from pipeline.errors import ConfigError
+    from pipeline.output.manifest import COMPUTED_WITH_KEY
+
+    corpus = _corpus(tmp_path / "c.jsonl", rows=20)
+    out = tmp_path / "out"
+    config = _config(corpus, out, tiny_bert)
+    run_job(config)
+    path = out / "manifest.json"
+    record = json.loads(path.read_text())
+    assert record[COMPUTED_WITH_KEY] == {"device": "cpu", "dtype": "float32", "tf32": False,
+                                         "piece_rows": PIECE_ROWS, "max_tokens_per_batch": 2048}
+    before = digests(out / "embeddings", "*.arrow")
+    record[COMPUTED_WITH_KEY] |= {"device": "cuda", "dtype": "bfloat16"}  # as a GPU cluster would have made them
+    path.write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match="encoder device resolves to 'cpu' on this cluster, the committed "
+                                          "embeddings were computed with 'cuda'"):
+        run_job(config)
+    run_job(config, force=True)
+    assert json.loads(path.read_text())[COMPUTED_WITH_KEY]["device"] == "cpu"
+    assert digests(out / "embeddings", "*.arrow") == before

@@ -116,6 +116,9 @@ class ShardEncoder:
                 torch.set_num_threads(self.spec.num_threads)
             keep_freed_memory()
             device = resolve_device(self.spec.device)
+            if device.type == "cuda":  # exact float32 unless encoder.tf32 asks for tensor-core speed
+                torch.backends.cuda.matmul.allow_tf32 = self.spec.tf32
+                torch.backends.cudnn.allow_tf32 = self.spec.tf32
             model = load_encoder(
                 self.spec.model_dir, allow_pickle=self.spec.allow_pickle,
                 trust_remote_code=self.spec.trust_remote_code, dtype=self.spec.options.dtype, device=device,

@@ -164,14 +164,29 @@ def differences(old: dict[str, Any], new: dict[str, Any], increment: bool = Fals
     return found
 
 
+# The manifest key of the settings the embeddings were computed with once resolved on the cluster.
+COMPUTED_WITH_KEY = "embeddings_computed_with"
+
+
 def embedding_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """The encoder settings that differ between the job whose embeddings ``old`` records and ``new``."""
     old_hash = (old.get("stage_hashes") or {}).get("embeddings")
     if old_hash is None or old_hash == new["stage_hashes"]["embeddings"]:
-        return []
+        return _resolved_differences(old, new)
     before = old.get("embeddings_config") or old.get("config", {})
     changed = [key for key in _changed_keys(before, new["config"]) if key.startswith("encoder.")]
     return [f"config {key}" for key in changed] or ["config encoder"]
+
+
+def _resolved_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Settings resolved at run time (``device: auto``, the default dtype and budgets) that differ from those
+    the committed embeddings were computed with: a job must not mix shards computed on a CPU and a GPU."""
+    was, now = old.get(COMPUTED_WITH_KEY), new.get(COMPUTED_WITH_KEY)
+    if not was or not now or not old.get("stages", {}).get("embeddings", {}).get("shards"):
+        return []
+    return [f"encoder {key} resolves to {now.get(key)!r} on this cluster, the committed embeddings were computed "
+            f"with {was.get(key)!r} (set it in the config to continue as before)"
+            for key in sorted(set(was) | set(now)) if was.get(key) != now.get(key)]
 
 
 def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:

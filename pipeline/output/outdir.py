@@ -6,7 +6,7 @@ from typing import Any
 
 from pipeline.errors import ConfigError
 from pipeline.output.contract import EMBEDDINGS, QUARANTINE_DIR, STAGES
-from pipeline.output.manifest import differences, embedding_differences, load_manifest
+from pipeline.output.manifest import COMPUTED_WITH_KEY, differences, embedding_differences, load_manifest
 from pipeline.output.ownership import files_in_the_way, foreign_entries, remove_owned
 from pipeline.output.shards import file_sha256
 from pipeline.output.storage import Location, is_remote
@@ -55,6 +55,8 @@ def prepare_output(out_dir: Location, old: dict[str, Any] | None, fresh: dict[st
     else:
         old.pop("embeddings_config", None)
         old["stage_hashes"] = fresh["stage_hashes"]
+        if COMPUTED_WITH_KEY in fresh:
+            old[COMPUTED_WITH_KEY] = fresh[COMPUTED_WITH_KEY]
     old["config"], old["config_hash"] = fresh["config"], fresh["config_hash"]
     old.setdefault("stage_hashes", {}).setdefault("tokens", fresh["stage_hashes"]["tokens"])
     if increment is not None:

@@ -27,7 +27,7 @@ from pipeline.inputs.identity import check_committed_inputs
 from pipeline.inputs.plan import WorkUnit
 from pipeline.output.contract import EMBEDDINGS, STAGES, TOKENS
 from pipeline.output.lock import output_lock
-from pipeline.output.manifest import load_manifest, new_manifest
+from pipeline.output.manifest import COMPUTED_WITH_KEY, load_manifest, new_manifest
 from pipeline.output.outdir import check_output_directory, prepare_output
 from pipeline.output.shards import write_dataset_metadata
 from pipeline.output.storage import output_path
@@ -148,6 +148,8 @@ def _run_job(config: JobConfig, stages: tuple[str, ...], force: bool, progress: 
                 # Every check that can refuse the job runs before the output is touched (--force deletes).
                 encoders = plan_encoders(config, spec) if EMBEDDINGS in stages else None
                 fresh = new_manifest(config, files, plan.units, spec.tokenizer_sha256, plan.names)
+                if encoders:
+                    fresh[COMPUTED_WITH_KEY] = encoders.spec.computed_with()
                 if changed:  # --force: start over rather than mix two versions of the input
                     fresh["input"]["content_changed"] = changed
                 stop.check()  # nothing touched yet
