@@ -1,7 +1,7 @@
 """The OOM back-off under a memory cap, and a torch.profiler summary of one shard.
 
 OOM back-off: ``pipeline.encode.forward._encode_with_backoff`` catches ``torch.OutOfMemoryError``, calls
-``release_after_oom`` and retries the batch in two halves. On CUDA the check caps the process's memory with
+``DeviceSteps.release_after_oom`` and retries the batch in two halves (and cuts the shard's later batches as small). On CUDA the check caps the process's memory with
 ``torch.cuda.set_per_process_memory_fraction`` between the model's own memory and the peak of an uncapped
 pass, so the largest batches no longer fit, and counts the back-offs through ``release_after_oom``. On a CPU
 there is no such cap: the same measurement runs with an out-of-memory error raised for batches above half
@@ -25,19 +25,24 @@ from gpu_kit.reference import compare, judge
 @contextmanager
 def count_backoffs() -> Iterator[list[int]]:
     """Count calls of ``release_after_oom`` (one per caught out-of-memory error) while the block runs."""
-    from pipeline.encode import forward
+    from pipeline.encode import device
 
-    original, calls = forward.release_after_oom, [0]
+    calls = [0]
+    originals = [(cls, cls.__dict__["release_after_oom"]) for cls in (device.DeviceSteps, device.CudaSteps)]
 
-    def counted(device: Any) -> None:
-        calls[0] += 1
-        original(device)
+    def counting(original: Any) -> Any:
+        def counted(self: Any) -> None:
+            calls[0] += 1
+            original(self)
+        return counted
 
-    forward.release_after_oom = counted
+    for cls, original in originals:
+        cls.release_after_oom = counting(original)
     try:
         yield calls
     finally:
-        forward.release_after_oom = original
+        for cls, original in originals:
+            cls.release_after_oom = original
 
 
 @contextmanager

@@ -1,15 +1,22 @@
-"""Everything that differs between CPU and CUDA, in one place.
+"""Everything that differs between CPU and CUDA in the batch loop, in one place.
 
-On CPU a batch is used where it lies. On CUDA host tensors are pinned and copied
-without blocking on a side stream one batch ahead, so the copy of batch i+1 overlaps
-the forward pass of batch i. Only the CUDA branches here are never run by the test
-suite (it runs on CPU); they are kept to a few lines for that reason.
+The batch loop (:func:`pipeline.encode.forward.encode_rows`) talks to a :class:`DeviceSteps`: move a batch
+to the device, wait for that move, bring the outputs back, recover from an out-of-memory error. On a CPU
+each step is the plain call. On CUDA the host never waits on the GPU per batch:
+
+- each batch is pinned and copied on a side stream, one batch ahead, with one event per copy, so the compute
+  stream waits for exactly that copy (not for the side stream as a whole) and the next batch is gathered on
+  the host while the GPU computes;
+- outputs stay on the device and come back once per call, into pinned memory, with one synchronisation.
+
+The CUDA class cannot run in the test suite (no GPU); the loop's logic is tested on CPU with a recording
+subclass of :class:`DeviceSteps` that counts each step and raises out-of-memory errors where asked.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -39,34 +46,90 @@ def resolve_device(name: str) -> torch.device:
     raise ConfigError(f"encoder.device: {name!r} is not one of auto, cpu, cuda")
 
 
-def prefetch_to_device(batches: Iterable[tuple[T, HostBatch]], device: torch.device) -> Iterator[tuple[T, HostBatch]]:
-    """Move each ``(key, {name: tensor})`` batch to ``device``; on CUDA one batch ahead on a side stream."""
-    if device.type != "cuda":
-        yield from ((key, {k: v.to(device) for k, v in batch.items()}) for key, batch in batches)
-        return
-    stream = torch.cuda.Stream(device)
+class DeviceSteps:
+    """The device steps of the batch loop, as a CPU runs them: every call is immediate."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def start_copy(self, batch: HostBatch) -> Any:
+        """Begin moving a host batch to the device; returns a handle for :meth:`finish_copy`."""
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def finish_copy(self, handle: Any) -> HostBatch:
+        """The batch on the device, usable by the compute stream."""
+        return handle
+
+    def to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Bring a device tensor back to host memory (the one device-to-host copy of a call)."""
+        return tensor.cpu()
+
+    def concat(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """Concatenate outputs on the device."""
+        return torch.cat(tensors)
+
+    def release_after_oom(self) -> None:
+        """Free what an out-of-memory error left cached, before retrying smaller."""
+
+
+class CudaSteps(DeviceSteps):
+    """CUDA: copies on a side stream with one event each; outputs back once, into pinned memory."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__(device)
+        self.stream = torch.cuda.Stream(device)
+
+    def start_copy(self, batch: HostBatch) -> Any:
+        with torch.cuda.stream(self.stream):
+            moved = {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
+            copied = torch.cuda.Event()
+            copied.record(self.stream)
+        return moved, copied
+
+    def finish_copy(self, handle: Any) -> HostBatch:
+        moved, copied = handle
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(copied)  # this copy only: later copies on the side stream may still run
+        for tensor in moved.values():  # the allocator must not reuse the memory while compute reads it
+            tensor.record_stream(current)
+        return moved
+
+    def to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        pinned = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        pinned.copy_(tensor, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(self.device))
+        done.synchronize()  # the one wait of the call: every batch's work is queued before it
+        return pinned
+
+    def release_after_oom(self) -> None:
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+
+
+def device_steps(device: torch.device) -> DeviceSteps:
+    """The steps for ``device``."""
+    return CudaSteps(device) if device.type == "cuda" else DeviceSteps(device)
+
+
+def prefetch_to_device(batches: Iterable[tuple[T, HostBatch]], steps: DeviceSteps) -> Iterator[tuple[T, HostBatch]]:
+    """Move each ``(key, {name: tensor})`` batch to the device one batch ahead: batch i+1's copy is started
+    before batch i is handed out for compute. A copy that runs out of memory is retried once after
+    :meth:`DeviceSteps.release_after_oom` (the outputs held on the device are what fills it)."""
     pending = None
     for key, batch in batches:
-        with torch.cuda.stream(stream):
-            moved = {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+        handle = _start_copy(steps, batch)
         if pending is not None:
-            yield _ready(pending, stream)
-        pending = (key, moved)
+            yield pending[0], steps.finish_copy(pending[1])
+        pending = (key, handle)
     if pending is not None:
-        yield _ready(pending, stream)
+        yield pending[0], steps.finish_copy(pending[1])
 
 
-def _ready(pending: tuple[T, HostBatch], stream: torch.cuda.Stream) -> tuple[T, HostBatch]:
-    # The compute stream must wait for the copy, and the caching allocator must not reuse
-    # the memory while the compute stream still reads it.
-    current = torch.cuda.current_stream(stream.device)
-    current.wait_stream(stream)
-    for tensor in pending[1].values():
-        tensor.record_stream(current)
-    return pending
-
-
-def release_after_oom(device: torch.device) -> None:
-    """Return cached blocks to the allocator after an out-of-memory error, before retrying smaller."""
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+def _start_copy(steps: DeviceSteps, batch: HostBatch) -> Any:
+    try:
+        return steps.start_copy(batch)
+    except torch.OutOfMemoryError:
+        pass
+    steps.release_after_oom()  # outside the except block, so the failed attempt's frames are released first
+    return steps.start_copy(batch)

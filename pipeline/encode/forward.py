@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.encode.device import prefetch_to_device, release_after_oom
+from pipeline.encode.device import DeviceSteps, device_steps, prefetch_to_device
 from pipeline.encode.models import family_of, final_norm, num_layers, position_limit
 from pipeline.errors import ConfigError
 from pipeline.output.embedding_format import NUMPY_DTYPES, OutputDtype
@@ -260,6 +260,8 @@ def encode_rows(
     *,
     padding_side: Literal["right", "left"] = "right",
     device: torch.device | str | None = None,
+    steps: DeviceSteps | None = None,
+    backoff: Backoff | None = None,
 ) -> np.ndarray:
     """Embed token rows, in their original order.
 
@@ -271,6 +273,8 @@ def encode_rows(
         options: pooling, layer, dtypes and token budget.
         padding_side: the side the stored rows are padded on.
         device: where to compute; by default the model's device.
+        steps: the device steps (tests pass a recording one); by default those of ``device``.
+        backoff: out-of-memory halvings to start from and add to (kept across the pieces of a shard).
 
     Returns:
         (N, D) for pooled output, or (N, L, D) for pooling ``none`` (L the stored width; for unpadded rows
@@ -289,43 +293,89 @@ def encode_rows(
     shape = (len(lengths), rows.width, dim) if options.pooling == "none" else (len(lengths), dim)
     out = np.zeros(shape, dtype=NUMPY_DTYPES[options.output_dtype])
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    steps = steps or device_steps(device)
+    backoff = backoff or Backoff()
 
     def host_batches():
         for batch_rows in plan_batches(lengths, options.max_tokens_per_batch, WIDTH_MULTIPLE, cap):
             width = padded_width(int(lengths[batch_rows].max()), WIDTH_MULTIPLE, cap)
             yield batch_rows, rows.gather(batch_rows, width)
 
+    parts: list[tuple[np.ndarray, torch.Tensor]] = []  # (rows, outputs on the device), in computed order
     with torch.inference_mode():
-        for batch_rows, batch in prefetch_to_device(host_batches(), device):
-            embeddings = to_output(_encode_with_backoff(model, batch, forward, rows, device), options.output_dtype)
-            _scatter(out, batch_rows, embeddings, rows.left)
+        for batch_rows, batch in prefetch_to_device(host_batches(), steps):
+            for part_rows, part in _split(batch_rows, batch, backoff.splits):
+                embeddings = _encode_with_backoff(model, part, forward, rows, steps, backoff)
+                stored = embeddings.to(TORCH_DTYPES[options.output_dtype])
+                parts.append((part_rows, _stored_width(stored, out, rows.left)))
+        _copy_back(parts, out, steps, options.output_dtype)
     return out
 
 
-def _scatter(out: np.ndarray, batch_rows: np.ndarray, embeddings: np.ndarray, left: bool) -> None:
+class Backoff:
+    """How often a batch has been halved after running out of device memory: later batches of the same
+    shard are cut as small up front, instead of failing and halving again each time."""
+
+    def __init__(self) -> None:
+        self.splits = 0
+
+
+def _split(rows: np.ndarray, batch: dict[str, torch.Tensor], times: int):
+    """A batch cut into 2**times row-parts (fewer when it has fewer rows)."""
+    parts = min(2 ** times, len(rows)) if len(rows) else 1
+    bounds = np.linspace(0, len(rows), parts + 1).astype(int)
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        yield rows[lo:hi], {k: v[lo:hi] for k, v in batch.items()}
+
+
+def _stored_width(embeddings: torch.Tensor, out: np.ndarray, left: bool) -> torch.Tensor:
+    """Per-token outputs padded (or cut, for unpadded rows batched wider) to the stored width, on the device;
+    pooled outputs as they are."""
     if out.ndim == 2:
-        out[batch_rows] = embeddings
+        return embeddings
+    width, stored = embeddings.shape[1], out.shape[1]
+    if width >= stored:
+        return embeddings[:, width - stored:] if left else embeddings[:, :stored]
+    pad = (0, 0, stored - width, 0) if left else (0, 0, 0, stored - width)
+    return F.pad(embeddings, pad)
+
+
+def _copy_back(parts: list[tuple[np.ndarray, torch.Tensor]], out: np.ndarray, steps: DeviceSteps,
+               output_dtype: OutputDtype) -> None:
+    """Bring every batch's outputs to the host in one copy and put each row in its place; when the
+    concatenation or the copy runs out of device memory, in two halves (and so on, down to one batch)."""
+    if not parts:
         return
-    width = min(embeddings.shape[1], out.shape[1])  # unpadded rows: the batch may be wider than the longest row
-    if left:
-        out[batch_rows, out.shape[1] - width:] = embeddings[:, embeddings.shape[1] - width:]
-    else:
-        out[batch_rows, :width] = embeddings[:, :width]
+    try:
+        host = to_output(steps.to_host(steps.concat([t for _, t in parts])), output_dtype)
+    except torch.OutOfMemoryError:
+        if len(parts) == 1:
+            raise
+        host = None
+    if host is not None:
+        out[np.concatenate([r for r, _ in parts])] = host
+        return
+    steps.release_after_oom()
+    half = len(parts) // 2
+    _copy_back(parts[:half], out, steps, output_dtype)
+    _copy_back(parts[half:], out, steps, output_dtype)
 
 
 def _encode_with_backoff(model, batch: dict[str, torch.Tensor], forward: _Forward, rows: _Rows,
-                         device: torch.device) -> torch.Tensor:
-    """Encode a device batch; on out-of-memory split it in two halves by rows and retry, down to one row."""
+                         steps: DeviceSteps, backoff: Backoff) -> torch.Tensor:
+    """Encode a device batch; on out-of-memory split it in two halves by rows and retry, down to one row,
+    and remember the halving for the batches that follow."""
     try:
         return _encode_batch(model, batch, forward, rows)
     except torch.OutOfMemoryError:
         if len(batch["input_ids"]) == 1:
             raise
     # Retry outside the except block, so the failed attempt's frames (and their tensors) are released first.
-    release_after_oom(device)
+    steps.release_after_oom()
+    backoff.splits += 1
     half = len(batch["input_ids"]) // 2
     halves = ({k: v[:half] for k, v in batch.items()}, {k: v[half:] for k, v in batch.items()})
-    return torch.cat([_encode_with_backoff(model, part, forward, rows, device) for part in halves])
+    return torch.cat([_encode_with_backoff(model, part, forward, rows, steps, backoff) for part in halves])
 
 
 def _encode_batch(model, batch: dict[str, torch.Tensor], forward: _Forward, rows: _Rows) -> torch.Tensor:

@@ -145,7 +145,7 @@ class ShardEncoder:
         rows = piece_rows_of(shard.order, piece, self.spec.piece_rows)
         input_ids, mask, type_ids = (_take(column, rows) for column in shard.arrays)
         embeddings = encode_rows(self.model, input_ids, mask, type_ids, self.spec.options,
-                                 padding_side=self.spec.padding_side)
+                                 padding_side=self.spec.padding_side, backoff=shard.backoff)
         fault_point("embed.after_piece")
         status = {"name": name, "piece": piece, "rows": len(rows), "tokens_sha256": shard.sha256}
         return status, Piece(rows.astype(np.int64), embeddings, shard.sha256)
@@ -164,14 +164,14 @@ class ShardEncoder:
     def _open(self, out_dir: str, name: str) -> _OpenShard:
         """The token shard's arrays and length order, read and hashed once for all its pieces."""
         if self._shard is None or (self._shard.out_dir, self._shard.name) != (out_dir, name):
-            from pipeline.encode.forward import compute_lengths
+            from pipeline.encode.forward import Backoff, compute_lengths
 
             self._shard = None  # the last shard's arrays are released before the next one is read
             tokens, sha256 = read_shard_and_sha256(output_path(out_dir) / TOKENS / name)
             arrays = token_arrays(tokens)
             lengths = compute_lengths(*arrays, self.spec.options, padding_side=self.spec.padding_side)
             self._shard = _OpenShard(out_dir, name, sha256, arrays, length_order(lengths), tokens.num_rows,
-                                     "chunk" in tokens.column_names)
+                                     "chunk" in tokens.column_names, Backoff())
         return self._shard
 
 
@@ -184,6 +184,7 @@ class _OpenShard:
     order: np.ndarray
     rows: int
     with_chunk: bool
+    backoff: Any  # pipeline.encode.forward.Backoff: out-of-memory halvings, remembered for the whole shard
 
 
 def _take(column: Any, rows: np.ndarray) -> Any:
