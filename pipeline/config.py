@@ -77,7 +77,7 @@ class EncoderConfig(_Section):
     # CUDA only: float32 matmuls on TF32 tensor cores (off: exact float32, as on a CPU).
     tf32: bool = False
     output_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    # Unset: 16384 on a GPU; 2048 on a CPU, where big batches run ~10% slower per token (cache misses).
+    # Unset: 65536 on a GPU; 2048 on a CPU, where big batches run ~10% slower per token (cache misses).
     max_tokens_per_batch: int | None = Field(default=None, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Rows per piece of a token shard; pieces of one shard are embedded by every encoder actor at once.

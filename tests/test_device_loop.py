@@ -175,3 +175,32 @@ def test_a_single_row_that_does_not_fit_is_an_error(tiny):
             _encode(tiny, RecordingSteps())
     finally:
         handle.remove()
+
+
+def test_sticky_cuda_errors_end_the_process_and_others_do_not():
+    from pipeline.encode.device import device_lost
+
+    assert device_lost(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert device_lost(RuntimeError("CUDA error: device-side assert triggered"))
+    if hasattr(torch, "AcceleratorError"):
+        assert issubclass(torch.AcceleratorError, RuntimeError)
+    assert not device_lost(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert not device_lost(ValueError("row 3: its attention mask is not right-padded"))
+    assert not device_lost(RuntimeError("expected scalar type Float but found BFloat16"))
+
+
+def test_an_encoder_process_exits_when_its_gpu_is_lost(tmp_path):
+    """The exit itself, in a child process: the status Ray sees, and the log line naming the piece."""
+    import subprocess
+    import sys
+
+    from cli_runs import REPO
+
+    script = ("import logging; logging.basicConfig();"
+              "from pipeline.encode.stage import _exit_if_device_lost;"
+              "_exit_if_device_lost(ValueError('bad row'), 'tokens/a piece 0');"
+              "print('still alive');"
+              "_exit_if_device_lost(RuntimeError('CUDA error: an illegal memory access'), 'tokens/a piece 1')")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=False)
+    assert done.returncode == 70 and "still alive" in done.stdout
+    assert "tokens/a piece 1: RuntimeError: CUDA error" in done.stderr and "exits for Ray to restart" in done.stderr

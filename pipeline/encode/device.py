@@ -107,6 +107,22 @@ class CudaSteps(DeviceSteps):
         torch.cuda.empty_cache()
 
 
+# Messages of errors after which a CUDA context is unusable: every later call fails the same way.
+_DEVICE_LOST = ("CUDA error", "device-side assert", "illegal memory access", "CUBLAS_STATUS", "cuDNN error",
+                "unspecified launch failure", "ECC error")
+
+
+def device_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` leaves the GPU unusable for this process (a sticky CUDA error, not out-of-memory):
+    the encoder's process must end so that Ray starts a fresh one, rather than fail every later shard."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return False
+    accelerator_error = getattr(torch, "AcceleratorError", None)  # torch >= 2.8 raises it for CUDA errors
+    if accelerator_error is not None and isinstance(exc, accelerator_error):
+        return True
+    return isinstance(exc, RuntimeError) and any(text in str(exc) for text in _DEVICE_LOST)
+
+
 def device_steps(device: torch.device) -> DeviceSteps:
     """The steps for ``device``."""
     return CudaSteps(device) if device.type == "cuda" else DeviceSteps(device)

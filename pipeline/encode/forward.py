@@ -50,8 +50,9 @@ if TYPE_CHECKING:
 Pooling = Literal["mean", "cls", "last", "none"]
 TORCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Padded tokens per forward pass when encoder.max_tokens_per_batch is unset. On CPU a 16k-token
-# batch of MiniLM ran ~10% slower per token than 2k-token batches (measured on 2 cores).
-DEFAULT_TOKENS_PER_BATCH = {"cuda": 16_384, "cpu": 2_048}
+# batch of MiniLM ran ~10% slower per token than 2k-token batches (measured on 2 cores). A GPU needs
+# big forwards to be busy: 64k tokens (an out-of-memory error halves it, see encode_rows).
+DEFAULT_TOKENS_PER_BATCH = {"cuda": 65_536, "cpu": 2_048}
 WIDTH_MULTIPLE = 8  # batch widths rounded up to a multiple of 8 suit tensor-core tiles
 
 

@@ -9,6 +9,8 @@ the pieces of one shard may be embedded by many encoders and are committed once 
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +30,10 @@ from pipeline.output.contract import TOKENS
 from pipeline.output.embedding_format import embedding_arrow_field
 from pipeline.output.shards import read_shard_and_sha256
 from pipeline.output.storage import output_path
+
+log = logging.getLogger("embedpipe")
+# The exit status of an encoder process whose GPU became unusable (EX_SOFTWARE).
+DEVICE_LOST_EXIT = 70
 
 
 @dataclass(frozen=True)
@@ -144,8 +150,12 @@ class ShardEncoder:
         shard = self._open(out_dir, name)
         rows = piece_rows_of(shard.order, piece, self.spec.piece_rows)
         input_ids, mask, type_ids = (_take(column, rows) for column in shard.arrays)
-        embeddings = encode_rows(self.model, input_ids, mask, type_ids, self.spec.options,
-                                 padding_side=self.spec.padding_side, backoff=shard.backoff)
+        try:
+            embeddings = encode_rows(self.model, input_ids, mask, type_ids, self.spec.options,
+                                     padding_side=self.spec.padding_side, backoff=shard.backoff)
+        except Exception as exc:
+            _exit_if_device_lost(exc, f"tokens/{name} piece {piece}")
+            raise
         fault_point("embed.after_piece")
         status = {"name": name, "piece": piece, "rows": len(rows), "tokens_sha256": shard.sha256}
         return status, Piece(rows.astype(np.int64), embeddings, shard.sha256)
@@ -173,6 +183,18 @@ class ShardEncoder:
             self._shard = _OpenShard(out_dir, name, sha256, arrays, length_order(lengths), tokens.num_rows,
                                      "chunk" in tokens.column_names, Backoff())
         return self._shard
+
+
+def _exit_if_device_lost(exc: Exception, where: str) -> None:
+    """End this process when the GPU is unusable after ``exc``: Ray restarts the actor on a fresh CUDA
+    context and retries its pieces, where staying alive would fail every later piece as a data error."""
+    from pipeline.encode.device import device_lost
+
+    if device_lost(exc):
+        log.critical("%s: %s: %s; the GPU is unusable in this process, which now exits for Ray to restart it",
+                     where, type(exc).__name__, exc)
+        logging.shutdown()
+        os._exit(DEVICE_LOST_EXIT)
 
 
 @dataclass(frozen=True)
