@@ -1,4 +1,5 @@
-"""Kill -9 a tokenize worker, an encoder actor or the driver mid-job; the rerun's output is byte-identical.
+"""Kill -9 a tokenize worker, an encoder actor (mid-shard: after one of its pieces), a shard's commit task or
+the driver mid-job; the rerun's output is byte-identical.
 
 Each case runs the real CLI in a subprocess (its own local Ray cluster) with
 ``EMBEDPIPE_FAULT`` choosing where the n-th arrival dies (n drawn from the seed),
@@ -29,6 +30,7 @@ SEEDS = (1, 2, 3)
 SITES = {
     "tokenize.before_commit": 8,   # one per unit
     "tokenize.after_commit": 8,
+    "embed.after_piece": 24,       # three pieces per token shard (40 rows, piece_rows 16)
     "embed.before_commit": 8,      # one per token shard
     "embed.after_commit": 8,
     "commit.before_rename": 24,    # shards, quarantine files, manifests, metadata: workers, actors and driver
@@ -57,7 +59,7 @@ def job(tmp_path_factory) -> dict:
         f"input: {{path: {corpus}, id_column: id, max_quarantined: 0.05}}\n"
         f"output: {{path: {root / 'unused'}, shard_rows: {SHARD_ROWS}}}\n"
         "tokenizer: {max_length: 64}\n"
-        f"encoder: {{model: {model}, pooling: mean, normalize: true}}\n"
+        f"encoder: {{model: {model}, pooling: mean, normalize: true, piece_rows: 16}}\n"
         "ray: {num_cpus: 2}\n"
     )
     reference = root / "reference"
