@@ -68,6 +68,18 @@ def test_one_shard_is_embedded_by_every_actor_and_equals_one_encoder(ray_cluster
     (name, shard), = record.items()
     assert shard["pieces"] == piece_count(ROWS, PIECE_ROWS) == 7
     assert shard["encoders"] == 2, shard
+    # The positions the forwards computed, counted as they ran: each piece's batch plan, rows x padded width.
+    from pipeline.encode.forward import WIDTH_MULTIPLE, padded_width, plan_batches
+    from pipeline.output.shards import read_shard
+
+    lengths = read_shard(out / "tokens" / name).column("length").to_numpy()
+    order = length_order(lengths)
+    planned = 0
+    for piece in range(shard["pieces"]):
+        piece_lengths = lengths[piece_rows_of(order, piece, PIECE_ROWS)]
+        for batch in plan_batches(piece_lengths, 2048, WIDTH_MULTIPLE, 64):
+            planned += len(batch) * padded_width(int(piece_lengths[batch].max()), WIDTH_MULTIPLE, 64)
+    assert shard["computed_tokens"] == planned > shard["tokens"]
 
     # The same shard embedded whole by one encoder, in this process, from a copy of the token shard.
     alone = tmp_path / "alone"

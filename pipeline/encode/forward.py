@@ -263,6 +263,7 @@ def encode_rows(
     device: torch.device | str | None = None,
     steps: DeviceSteps | None = None,
     backoff: Backoff | None = None,
+    counts: dict[str, int] | None = None,
 ) -> np.ndarray:
     """Embed token rows, in their original order.
 
@@ -276,6 +277,8 @@ def encode_rows(
         device: where to compute; by default the model's device.
         steps: the device steps (tests pass a recording one); by default those of ``device``.
         backoff: out-of-memory halvings to start from and add to (kept across the pieces of a shard).
+        counts: if given, ``forwards`` and ``computed_tokens`` (positions computed, padding included) are
+            added to it as the batches run: the padding waste a run really had.
 
     Returns:
         (N, D) for pooled output, or (N, L, D) for pooling ``none`` (L the stored width; for unpadded rows
@@ -307,6 +310,9 @@ def encode_rows(
         for batch_rows, batch in prefetch_to_device(host_batches(), steps):
             for part_rows, part in _split(batch_rows, batch, backoff.splits):
                 embeddings = _encode_with_backoff(model, part, forward, rows, steps, backoff)
+                if counts is not None:
+                    counts["forwards"] = counts.get("forwards", 0) + 1
+                    counts["computed_tokens"] = counts.get("computed_tokens", 0) + part["input_ids"].numel()
                 stored = embeddings.to(TORCH_DTYPES[options.output_dtype])
                 parts.append((part_rows, _stored_width(stored, out, rows.left)))
         _copy_back(parts, out, steps, options.output_dtype)

@@ -150,14 +150,16 @@ class ShardEncoder:
         shard = self._open(out_dir, name)
         rows = piece_rows_of(shard.order, piece, self.spec.piece_rows)
         input_ids, mask, type_ids = (_take(column, rows) for column in shard.arrays)
+        counts: dict[str, int] = {}
         try:
             embeddings = encode_rows(self.model, input_ids, mask, type_ids, self.spec.options,
-                                     padding_side=self.spec.padding_side, backoff=shard.backoff)
+                                     padding_side=self.spec.padding_side, backoff=shard.backoff, counts=counts)
         except Exception as exc:
             _exit_if_device_lost(exc, f"tokens/{name} piece {piece}")
             raise
         fault_point("embed.after_piece")
-        status = {"name": name, "piece": piece, "rows": len(rows), "tokens_sha256": shard.sha256}
+        status = {"name": name, "piece": piece, "rows": len(rows), "tokens_sha256": shard.sha256,
+                  "computed_tokens": counts.get("computed_tokens", 0)}
         return status, Piece(rows.astype(np.int64), embeddings, shard.sha256)
 
     def embed_shard(self, out_dir: str, name: str) -> dict[str, Any]:
@@ -166,10 +168,11 @@ class ShardEncoder:
         The same bytes as the pieces embedded by many encoders and assembled (see :mod:`pipeline.encode.pieces`).
         """
         shard = self._open(out_dir, name)
-        pieces = [self.embed_piece(out_dir, name, p)[1] for p in range(self.pieces(shard.rows))]
+        done = [self.embed_piece(out_dir, name, p) for p in range(self.pieces(shard.rows))]
         self._shard = None  # the next call reads the shard afresh
-        return assemble_shard(out_dir, name, embedding_schema(self.spec, shard.with_chunk),
-                              self.spec.options.output_dtype, pieces)
+        report = assemble_shard(out_dir, name, embedding_schema(self.spec, shard.with_chunk),
+                                self.spec.options.output_dtype, [piece for _, piece in done])
+        return report | {"pieces": len(done), "computed_tokens": sum(s["computed_tokens"] for s, _ in done)}
 
     def _open(self, out_dir: str, name: str) -> _OpenShard:
         """The token shard's arrays and length order, read and hashed once for all its pieces."""

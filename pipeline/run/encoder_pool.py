@@ -103,6 +103,7 @@ class _Shard:
     done: dict[int, Any] = field(default_factory=dict)  # piece -> reference to its Piece
     peak_rss_mb: float = 0.0
     encoders: set[int] = field(default_factory=set)  # the processes that computed its pieces
+    computed_tokens: int = 0  # positions the forwards computed, padding included
 
 
 @dataclass
@@ -181,13 +182,15 @@ class EncoderPool:
             return
         shard.peak_rss_mb = max(shard.peak_rss_mb, status.get("peak_rss_mb", 0))
         shard.encoders.add(status["pid"])
+        shard.computed_tokens += status["computed_tokens"]
         running = {piece for _, _, n, piece in self.in_flight.values() if n == name}
         if shard.todo or running:
             return
         del self.shards[name]
         spec = self.plan.spec
         task = ray.remote(num_cpus=ASSEMBLE_CPUS, max_retries=3, retry_exceptions=False)(_assemble_task)
-        stats = {"pieces": shard.pieces, "encoders": len(shard.encoders), "peak_rss_mb": shard.peak_rss_mb}
+        stats = {"pieces": shard.pieces, "encoders": len(shard.encoders), "computed_tokens": shard.computed_tokens,
+                 "peak_rss_mb": shard.peak_rss_mb}
         ref = task.remote(out_dir, name, embedding_schema(spec, self.plan.with_chunk), spec.options.output_dtype,
                           stats, *(shard.done[p] for p in range(shard.pieces)))
         self.assembling[ref] = name
