@@ -142,6 +142,8 @@ def test_encoder_sizing_leaves_a_cpu_slot_for_tokenizing_and_committing():
     assert count == 8 and count * resources["num_cpus"] <= 7
     assert size_encoders("auto", cpus=16, gpus=2)[2] == {"num_gpus": 1, "num_cpus": 1.0}
     assert size_encoders("cpu", cpus=4, gpus=2)[:2] == ("cpu", 4)
+    assert size_encoders("auto", cpus=1, gpus=0)[2] == {"num_cpus": 0.0}  # a 1-CPU job with many units must not hang
+    assert size_encoders("auto", cpus=2, gpus=0)[2] == {"num_cpus": 0.5}
 
 
 def test_a_cluster_with_a_gpu_but_torch_without_one_is_a_clear_config_error(tmp_path, tiny_bert):
@@ -168,6 +170,7 @@ def test_bytes_are_the_same_for_one_two_and_three_actors(tmp_path, tiny_bert):
     """Whole CLI runs with 1, 2 and 3 CPUs (one encoder actor each): the same embedding bytes."""
     corpus = _corpus(tmp_path / "c.jsonl", rows=300)
     seen = {}
+    # 300 rows in one shard; with 1 CPU also a job of several units (the encoder must not starve tokenizing)
     for cpus in (1, 2, 3):
         config = tmp_path / f"job-{cpus}.yaml"
         config.write_text(
@@ -210,3 +213,16 @@ def test_a_resumed_job_never_mixes_embeddings_computed_two_ways(ray_cluster, tmp
     run_job(config, force=True)
     assert json.loads(path.read_text())[COMPUTED_WITH_KEY]["device"] == "cpu"
     assert digests(out / "embeddings", "*.arrow") == before
+
+
+@pytest.mark.slow
+def test_a_one_cpu_cluster_with_many_units_finishes(tmp_path, tiny_bert):
+    """On one CPU the encoder actor books no CPU slot: the tokenize tasks (1 CPU each) still run after it
+    has started, where a half-CPU booking would leave every later unit waiting forever."""
+    corpus = _corpus(tmp_path / "c.jsonl", rows=200)
+    config = tmp_path / "job.yaml"
+    config.write_text(f"input: {{path: {corpus}, id_column: id}}\noutput: {{path: {tmp_path / 'out'}, shard_rows: 50}}\n"
+                      f"tokenizer: {{max_length: 64}}\nencoder: {{model: {tiny_bert}}}\nray: {{num_cpus: 1}}\n")
+    done = embedpipe("run", str(config), "--no-progress", timeout=240)
+    assert done.returncode == 0, done.stderr
+    assert len(manifest(tmp_path / "out")["stages"]["embeddings"]["shards"]) == 4
