@@ -39,7 +39,7 @@ bench-tokenize: $(VENV)/.installed
 	$(BIN)/python benchmarks/tokenize_stage.py --mb 300
 
 bench-embed: $(VENV)/.installed
-	$(BIN)/python benchmarks/embed_stage.py --rows 10000
+	$(BIN)/python benchmarks/embed_stage.py
 
 clean:
 	rm -rf out bench-work
