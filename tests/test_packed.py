@@ -228,6 +228,15 @@ def test_unpadded_rows_and_normalize(models, stored, packed_calls):
     np.testing.assert_allclose(np.linalg.norm(ours[real], axis=1), 1.0, atol=1e-6)
 
 
+def test_a_batch_without_any_token_embeds_as_zeros(models, packed_calls):
+    ids = np.zeros((3, 8), np.int64)  # GPT-2 rows of empty texts: no token at all
+    for pooling in POOLINGS:
+        out = encode_rows(models["gpt2", "torch"], ids, np.zeros_like(ids), None,
+                          EncodeOptions(pooling=pooling, packed=True))
+        assert out.shape == ((3, 8, 32) if pooling == "none" else (3, 32)) and not out.any()
+    assert packed_calls == [0] * 4
+
+
 def test_bfloat16_within_half_tolerance(model_dirs, stored, packed_calls):
     for name, side in [("bert", "right"), ("clip", "right"), ("gpt2", "left")]:
         half, enc = load_encoder(model_dirs[name], dtype=torch.bfloat16), stored[name, side]
