@@ -368,6 +368,27 @@ def test_varlen_kernel_gets_int32_offsets_max_length_causality_and_scale(name, s
             torch.testing.assert_close(hidden[start:end], ref, rtol=1e-4, atol=1e-4)
 
 
+def test_varlen_needs_torch_2_11(monkeypatch):
+    monkeypatch.setattr(torch, "__version__", "2.10.0")  # varlen_attn then took is_causal, not window_size
+    assert not packed.varlen_available()
+
+
+@pytest.mark.skipif(not packed.varlen_available(), reason="needs a CUDA GPU with flash attention (sm80+)")
+@pytest.mark.parametrize("name,side", [("bert", "right"), ("clip", "right"), ("gpt2", "left")])
+def test_the_varlen_kernel_on_a_gpu_equals_rows_alone(name, side, model_dirs, models, stored, packed_calls):
+    enc = stored[name, side]
+    model = load_encoder(model_dirs[name], dtype=torch.bfloat16, device="cuda")
+    assert packed.packed_family(model)[0] == name
+    for pooling, layer in [("mean", -1), ("last", -2), ("none", -1), ("cls", 0)]:
+        ours = encode_rows(model, enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids"),
+                           EncodeOptions(pooling=pooling, layer=layer, dtype=torch.bfloat16, packed=True),
+                           padding_side=side)
+        reference = models[name, "torch"]
+        _assert_rows_close(ours, _expected(reference, enc, pooling, layer, _apply_norm(reference, layer, None)),
+                           HALF_COS)
+    assert packed_calls
+
+
 def test_attention_is_chosen_by_device():
     assert packed.default_attention(torch.device("cuda")) is packed.varlen_attention
     assert packed.default_attention(torch.device("cpu")) is packed.rowwise_attention
