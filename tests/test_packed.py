@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import tiny_models
 import torch
+import transformers
 from transformers import AutoTokenizer, BertConfig, BertModel
 
 from pipeline.encode import forward as forward_module
@@ -280,7 +281,7 @@ def test_pool_packed_matches_pool_on_the_padded_layout():
         assert not got[1].any()
 
 
-def test_packed_family_names_what_it_cannot_run(models):
+def test_packed_family_names_what_it_cannot_run(models, monkeypatch):
     assert [packed.packed_family(models[n, "torch"])[0] for n in ("bert", "clip", "gpt2")] == ["bert", "clip", "gpt2"]
     bert = models["bert", "torch"]
 
@@ -293,6 +294,9 @@ def test_packed_family_names_what_it_cannot_run(models):
     flash = copy.deepcopy(bert)
     flash.config._attn_implementation = "flex_attention"
     assert "flex_attention" in packed.packed_family(flash)[1]
+    monkeypatch.setattr(transformers, "__version__", "4.57.1")
+    assert "transformers 5" in packed.packed_family(bert)[1]
+    monkeypatch.undo()
     decoder = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
                                    is_decoder=True))
     assert "decoder" in packed.packed_family(decoder)[1]

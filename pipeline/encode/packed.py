@@ -56,6 +56,10 @@ def packed_family(model: torch.nn.Module) -> tuple[str | None, str]:
     family = FAMILIES.get(getattr(config, "model_type", None))
     if family is None:
         return None, f"model type {getattr(config, 'model_type', None)!r} has no packed forward"
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) < 5:  # the module attributes read here are transformers 5's
+        return None, f"written against transformers 5's modules, not {transformers.__version__}"
     cls = type(model)
     if cls.__name__ != family.class_name or not cls.__module__.startswith("transformers.models."):
         return None, f"{cls.__module__}.{cls.__name__} is not transformers' {family.class_name}"
