@@ -26,10 +26,15 @@ What a row's embedding is (DESIGN.md "Encoding semantics"):
 - Unpadded rows (a list of 1-D arrays, from ``padding: none``) are all real tokens; the padding
   embedpipe adds to batch them is always masked, whatever ``use_attention_mask`` says.
 - A row with no real token (an empty text without special tokens) embeds as zeros.
+- ``packed``: with the mask, a batch runs as its rows' real tokens concatenated, attention kept within
+  each row (:mod:`pipeline.encode.packed`); the same embeddings, without computing the padding. A model
+  the packed forward does not cover runs padded, and the log says why, once.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -39,6 +44,7 @@ import torch.nn.functional as F
 
 from pipeline.encode.device import DeviceSteps, device_steps, prefetch_to_device
 from pipeline.encode.models import family_of, final_norm, num_layers, position_limit
+from pipeline.encode.packed import packed_family, packed_hidden_states, pool_packed, segments
 from pipeline.errors import ConfigError
 from pipeline.output.embedding_format import NUMPY_DTYPES, OutputDtype
 
@@ -54,6 +60,7 @@ TORCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": tor
 # big forwards to be busy: 64k tokens (an out-of-memory error halves it, see encode_rows).
 DEFAULT_TOKENS_PER_BATCH = {"cuda": 65_536, "cpu": 2_048}
 WIDTH_MULTIPLE = 8  # batch widths rounded up to a multiple of 8 suit tensor-core tiles
+log = logging.getLogger("embedpipe")
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,7 @@ class EncodeOptions:
     dtype: torch.dtype = torch.float32
     output_dtype: OutputDtype = "float32"
     max_tokens_per_batch: int = 16_384
+    packed: bool = False  # run batches unpadded where the model allows (see pipeline.encode.packed)
 
     @classmethod
     def from_config(cls, encoder: EncoderConfig, device: str = "cuda") -> EncodeOptions:
@@ -105,6 +113,7 @@ class _Forward:
     apply_norm: bool
     token_type_ids: bool
     options: EncodeOptions
+    packed: str | None = None  # the family whose packed forward runs the batches; None: padded
 
 
 def _resolve(model: torch.nn.Module, options: EncodeOptions) -> _Forward:
@@ -113,7 +122,26 @@ def _resolve(model: torch.nn.Module, options: EncodeOptions) -> _Forward:
     layer = options.layer if options.layer >= 0 else last + 1 + options.layer
     norm = final_norm(model)
     apply_norm = options.final_layer_norm if options.final_layer_norm is not None else (layer > 0 and norm is not None)
-    return _Forward(layer, last, norm, apply_norm, family_of(model).token_type_ids, options)
+    return _Forward(layer, last, norm, apply_norm, family_of(model).token_type_ids, options,
+                    _packed_family(model, options))
+
+
+def _packed_family(model: torch.nn.Module, options: EncodeOptions) -> str | None:
+    """The family to run packed, when asked and possible; otherwise None, and the log says why (once)."""
+    if not options.packed:
+        return None
+    if not options.use_attention_mask:
+        _log_padded("encoder.use_attention_mask is off, so the model must see the stored padding")
+        return None
+    family, why = packed_family(model)
+    if family is None:
+        _log_padded(why)
+    return family
+
+
+@functools.cache
+def _log_padded(why: str) -> None:
+    log.info("encoder.packed: batches run padded: %s", why)
 
 
 def check_options(model: torch.nn.Module, options: EncodeOptions) -> None:
@@ -387,6 +415,9 @@ def _encode_with_backoff(model, batch: dict[str, torch.Tensor], forward: _Forwar
 
 def _encode_batch(model, batch: dict[str, torch.Tensor], forward: _Forward, rows: _Rows) -> torch.Tensor:
     options, full_width = forward.options, rows.full_width
+    if forward.packed is not None and not full_width:
+        pooled = _encode_packed(model, batch, forward)
+        return F.normalize(pooled, dim=-1) if options.normalize else pooled
     mask = batch["mask"]
     inputs = {"input_ids": batch["input_ids"]}
     if not full_width:  # the model sees the mask, or only padding embedpipe added to unpadded rows
@@ -402,6 +433,22 @@ def _encode_batch(model, batch: dict[str, torch.Tensor], forward: _Forward, rows
     else:
         pooled = pool(hidden, keep, options.pooling)
     return F.normalize(pooled, dim=-1) if options.normalize else pooled
+
+
+def _encode_packed(model, batch: dict[str, torch.Tensor], forward: _Forward) -> torch.Tensor:
+    """A batch's pooled (B, D) or per-token (B, W, D) output, computed over its real tokens only."""
+    keep = batch["mask"].bool()
+    seqs = segments(keep.sum(dim=1))
+    # Row-major order: each row's real tokens in order, whichever side its padding is on.
+    positions = (keep.cumsum(-1) - 1)[keep]
+    type_ids = batch["token_type_ids"][keep] if forward.token_type_ids and "token_type_ids" in batch else None
+    hidden = packed_hidden_states(model, batch["input_ids"][keep], seqs, positions, type_ids, forward.layer,
+                                  forward.apply_norm).float()
+    if forward.options.pooling != "none":
+        return pool_packed(hidden, seqs.cu_seqlens, forward.options.pooling)
+    out = hidden.new_zeros(*keep.shape, hidden.shape[-1])
+    out[keep] = hidden
+    return out
 
 
 def _hidden_states(model, inputs: dict[str, torch.Tensor], forward: _Forward) -> torch.Tensor:
