@@ -170,7 +170,6 @@ def test_bytes_are_the_same_for_one_two_and_three_actors(tmp_path, tiny_bert):
     """Whole CLI runs with 1, 2 and 3 CPUs (one encoder actor each): the same embedding bytes."""
     corpus = _corpus(tmp_path / "c.jsonl", rows=300)
     seen = {}
-    # 300 rows in one shard; with 1 CPU also a job of several units (the encoder must not starve tokenizing)
     for cpus in (1, 2, 3):
         config = tmp_path / f"job-{cpus}.yaml"
         config.write_text(
@@ -214,15 +213,3 @@ def test_a_resumed_job_never_mixes_embeddings_computed_two_ways(ray_cluster, tmp
     assert json.loads(path.read_text())[COMPUTED_WITH_KEY]["device"] == "cpu"
     assert digests(out / "embeddings", "*.arrow") == before
 
-
-@pytest.mark.slow
-def test_a_one_cpu_cluster_with_many_units_finishes(tmp_path, tiny_bert):
-    """On one CPU the encoder actor books no CPU slot: the tokenize tasks (1 CPU each) still run after it
-    has started, where a half-CPU booking would leave every later unit waiting forever."""
-    corpus = _corpus(tmp_path / "c.jsonl", rows=200)
-    config = tmp_path / "job.yaml"
-    config.write_text(f"input: {{path: {corpus}, id_column: id}}\noutput: {{path: {tmp_path / 'out'}, shard_rows: 50}}\n"
-                      f"tokenizer: {{max_length: 64}}\nencoder: {{model: {tiny_bert}}}\nray: {{num_cpus: 1}}\n")
-    done = embedpipe("run", str(config), "--no-progress", timeout=240)
-    assert done.returncode == 0, done.stderr
-    assert len(manifest(tmp_path / "out")["stages"]["embeddings"]["shards"]) == 4

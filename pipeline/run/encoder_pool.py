@@ -71,7 +71,9 @@ def size_encoders(device: str, cpus: int, gpus: int) -> tuple[str, int, dict[str
     # tokenize tasks keep half the slots; tokenizing is short next to encoding on a CPU. At most
     # MAX_CPU_ACTORS copies of the model are loaded; beyond that each actor gets more threads. A shard's
     # pieces spread over all actors, so even a one-shard job keeps every core busy.
-    # A one-CPU cluster books nothing for its actor, or a tokenize task (1 CPU) would never find a slot again.
+    # A one-CPU cluster books nothing for its actor: with half its CPU booked, a tokenize task (1 CPU) queued
+    # behind the actor's start could never find a slot. (A whole run did not show that wait here, Ray happened
+    # to schedule the queued tasks first; the booking makes it impossible rather than unlikely.)
     actors = max(1, min(cpus, MAX_CPU_ACTORS))
     return "cpu", actors, {"num_cpus": 0.5 if cpus >= 2 else 0.0}, max(1, cpus // actors)
 
