@@ -76,6 +76,9 @@ class EncoderConfig(_Section):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     # CUDA only: float32 matmuls on TF32 tensor cores (off: exact float32, as on a CPU).
     tf32: bool = False
+    # Run each batch unpadded: its rows' real tokens in one sequence, attention kept within each row
+    # (pipeline/encode/packed.py: BERT family, CLIP text, GPT-2; other models run padded, and the log says so).
+    packed: bool = False
     output_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     # Unset: 65536 on a GPU; 2048 on a CPU, where big batches run ~10% slower per token (cache misses).
     max_tokens_per_batch: int | None = Field(default=None, gt=0)

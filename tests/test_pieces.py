@@ -213,3 +213,22 @@ def test_a_resumed_job_never_mixes_embeddings_computed_two_ways(ray_cluster, tmp
     assert json.loads(path.read_text())[COMPUTED_WITH_KEY]["device"] == "cpu"
     assert digests(out / "embeddings", "*.arrow") == before
 
+
+
+def test_encoder_packed_runs_the_unpadded_forward_in_the_actors(ray_cluster, tmp_path, tiny_bert):
+    """``encoder.packed: true`` reaches the actors: they compute only the real tokens (the run's own count),
+    and the vectors equal the padded run's."""
+    from pipeline.data.reader import arrow_to_tensor
+    from pipeline.output.shards import read_shard
+
+    corpus = _corpus(tmp_path / "c.jsonl", rows=40)
+    vectors, records = {}, {}
+    for packed in (False, True):
+        out = tmp_path / f"out-{packed}"
+        run_job(_config(corpus, out, tiny_bert, packed=packed))
+        (records[packed],) = manifest(out)["stages"]["embeddings"]["shards"].values()
+        table = read_shard(next((out / "embeddings").glob("*.arrow")))
+        vectors[packed] = arrow_to_tensor(table.column("embedding"), table.schema.field("embedding")).numpy()
+    assert records[True]["computed_tokens"] == records[True]["tokens"] < records[False]["computed_tokens"]
+    cosine = (vectors[True] * vectors[False]).sum(1)  # normalized vectors
+    assert cosine.min() >= 0.99999

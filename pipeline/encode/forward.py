@@ -85,6 +85,7 @@ class EncodeOptions:
             normalize=encoder.normalize, use_attention_mask=encoder.use_attention_mask,
             dtype=TORCH_DTYPES[resolve_dtype(encoder.dtype, device)], output_dtype=encoder.output_dtype,
             max_tokens_per_batch=encoder.max_tokens_per_batch or DEFAULT_TOKENS_PER_BATCH[device],
+            packed=encoder.packed,
         )
 
 
@@ -340,7 +341,9 @@ def encode_rows(
                 embeddings = _encode_with_backoff(model, part, forward, rows, steps, backoff)
                 if counts is not None:
                     counts["forwards"] = counts.get("forwards", 0) + 1
-                    counts["computed_tokens"] = counts.get("computed_tokens", 0) + part["input_ids"].numel()
+                    computed = (part["mask"].sum() if forward.packed is not None and not rows.full_width
+                                else part["input_ids"].numel())  # packed: the real tokens only
+                    counts["computed_tokens"] = counts.get("computed_tokens", 0) + int(computed)
                 stored = embeddings.to(TORCH_DTYPES[options.output_dtype])
                 parts.append((part_rows, _stored_width(stored, out, rows.left)))
         _copy_back(parts, out, steps, options.output_dtype)
