@@ -9,7 +9,8 @@ Shapes (MiniLM, max_length 256, on the machine's CPUs or GPUs):
                   print the scaling from 1 to N actors;
   several-shards  --rows-large rows (default 10,000) in shards of 2,500 rows.
 Each contender is a whole separate process, so start-up and model loading count for everyone:
-  * `embedpipe run` (both stages, fresh output) with the default float32, and with `encoder.dtype: bfloat16`;
+  * `embedpipe run` (both stages, fresh output) with the default float32, and with `encoder.dtype: bfloat16`
+    (one-shard also with `encoder.packed: true`, the unpadded forward);
   * SentenceTransformer(minilm).encode(texts, batch_size=32 | 128, normalize_embeddings=True), float32, each in
     its own process (this file with --st-worker), max_seq_length 256, on the same device.
 Prints wall time, rows/s, real tokens/s, the padding waste embedpipe's forwards really had (computed positions
@@ -134,6 +135,8 @@ def run_shape(name: str, rows: int, shard_rows: int, corpus: Path, work: Path, s
     contenders = {"float32": [], "bfloat16": ["encoder.dtype=bfloat16"]}
     if scaling:
         contenders["float32, 1 CPU (1 actor)"] = ["ray.num_cpus=1"]
+        contenders["float32, packed"] = ["encoder.packed=true"]
+        contenders["bfloat16, packed"] = ["encoder.dtype=bfloat16", "encoder.packed=true"]
     runs = {}
     for label, settings in contenders.items():
         out = work / f"out-{len(runs)}"
