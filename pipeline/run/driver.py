@@ -18,7 +18,7 @@ from typing import Any
 
 from pipeline.config import JobConfig
 from pipeline.encode.stage import embedding_schema
-from pipeline.errors import Interrupted
+from pipeline.errors import ConfigError, Interrupted
 from pipeline.faults import fault_point
 from pipeline.inputs.columns import check_columns
 from pipeline.inputs.discovery import discover
@@ -113,6 +113,9 @@ def run_job(config: JobConfig, *, stages: tuple[str, ...] = STAGES, force: bool 
         Interrupted: SIGTERM or SIGINT came; in-flight shards were given ``grace`` seconds (see
             :mod:`pipeline.run.stopping`).
     """
+    if EMBEDDINGS in stages and config.tokenizer.pack:  # a block mixes documents: no embedding means one
+        raise ConfigError("tokenizer.pack: packed blocks are LM pretraining data and have no embeddings; run "
+                          "`embedpipe tokenize` (then `embedpipe export` for Megatron), or unset tokenizer.pack")
     with stop_on_signals(grace) as stop:
         return _run_job(config, stages, force, progress, stop)
 
