@@ -192,7 +192,9 @@ def add_counts(manifest: dict[str, Any], stage: str) -> None:
     shards = record["shards"].values()
     totals: dict[str, Any] = {}
     keys = ("rows_in", "rows", "texts", "quarantined", "blank_lines", "tokens", "untruncated_tokens",
-            "truncated_rows", "bytes", "nonfinite_rows")
+            "truncated_rows", "bytes", "nonfinite_rows",
+            # tokenizer.pack: tokens made (documents + separators) = tokens in blocks + dropped
+            "document_tokens", "separator_tokens", "dropped_tokens", "dropped_documents", "empty_documents")
     for key in keys:
         if any(key in s for s in shards):
             totals[key] = sum(s.get(key, 0) for s in shards)

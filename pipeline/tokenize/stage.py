@@ -68,10 +68,11 @@ def pack_unit(spec: TokenizeSpec, unit_index: int, rows: TokenRows) -> tuple[pa.
     return packed_table(packed, unit_index, rows.ids, id_type), packed
 
 
-def _packed_report(rows: TokenRows, packed: PackedBlocks) -> dict[str, Any]:
+def _packed_report(spec: TokenizeSpec, rows: TokenRows, packed: PackedBlocks) -> dict[str, Any]:
     """The packing counts a shard's manifest record carries (verify re-derives them from the blocks)."""
     return {
         "packed": True,
+        "separator_id": spec.pack_separator_id,
         "document_tokens": packed.document_tokens,
         "separator_tokens": packed.separator_tokens,
         "dropped_tokens": packed.dropped_tokens,
@@ -104,7 +105,7 @@ def run_unit(unit: WorkUnit, name: str, read: ReadSpec, spec: TokenizeSpec, out_
     packing: dict[str, Any] = {}
     if spec.pack:
         table, packed = pack_unit(spec, unit.index, rows)
-        packing = _packed_report(rows, packed)
+        packing = _packed_report(spec, rows, packed)
     else:
         table = to_table(spec, rows)
     fault_point("tokenize.before_commit")
