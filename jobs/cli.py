@@ -234,10 +234,11 @@ def verify(out: str, as_json: bool) -> None:
     sys.exit(0 if result.ok else 1)
 
 
-from jobs.ops_commands import inspect, plot  # noqa: E402  (registered after the group exists)
+from jobs.ops_commands import export, inspect, plot  # noqa: E402  (registered after the group exists)
 
 main.add_command(inspect)
 main.add_command(plot)
+main.add_command(export)
 
 
 if __name__ == "__main__":
