@@ -157,8 +157,7 @@ def export_megatron(out_dir: str | Path, prefix: str | Path, *, separator: str |
     if existing and not force:
         raise ConfigError(f"--output: {', '.join(existing)} already exist; embedpipe does not replace files it may "
                           "not have written: remove them, choose another prefix, or pass --force")
-    if not prefix.parent.is_dir():
-        raise ConfigError(f"--output: no such directory {prefix.parent}")
+    prefix.parent.mkdir(parents=True, exist_ok=True)
     out = output_path(out_dir)
     manifest = load_manifest(out)
     if manifest is None:
