@@ -119,3 +119,23 @@ def test_the_read_back_check_catches_a_changed_file(tmp_path):
         check_megatron(bin_path, idx_path, 2, 10, digest)
     with pytest.raises(MegatronFormatError, match="sequences"):
         check_megatron(bin_path, idx_path, 3, 10, digest)
+
+
+def test_export_reads_an_output_on_object_storage(packed, tmp_path):
+    """OUT as an fsspec URL (memory:// standing in for s3://): the same files as from the local copy; the
+    export itself goes to a local path (Megatron memory-maps it), and a URL there is refused."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    for path in packed.rglob("*"):
+        if path.is_file() and ".staging" not in path.parts:
+            fs.pipe(f"memory://export-test/out/{path.relative_to(packed).as_posix()}", path.read_bytes())
+    try:
+        export_megatron("memory://export-test/out", tmp_path / "remote")
+        export_megatron(packed, tmp_path / "local")
+        for suffix in (".bin", ".idx"):
+            assert (tmp_path / f"remote{suffix}").read_bytes() == (tmp_path / f"local{suffix}").read_bytes()
+        with pytest.raises(ConfigError, match="local path"):
+            export_megatron(packed, "s3://bucket/corpus")
+    finally:
+        fs.rm("memory://export-test", recursive=True)
