@@ -112,7 +112,7 @@ class PackedCollator:
 
     @staticmethod
     def _blocks(ids: np.ndarray, mask: np.ndarray, pieces: list[np.ndarray]) -> dict[str, Any]:
-        rows, width = ids.shape
+        width = ids.shape[1]
         segments, positions = [], np.zeros_like(ids)
         labels = np.where(mask, ids, IGNORE_INDEX)
         for r, row_pieces in enumerate(pieces):
