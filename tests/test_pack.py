@@ -179,3 +179,25 @@ def test_cli_refuses_the_embed_stage_on_packed_tokens(tmp_path):
     done = embedpipe("run", _write_config(tmp_path))
     assert done.returncode == 2, done.stderr
     assert "tokenizer.pack: packed blocks" in done.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("separator", ["eos", None])
+def test_empty_documents_are_packed_and_accounted_for(separator):
+    """An empty document still gets its separator (a piece of one token); with no separator and no special
+    tokens it has no token at all, is in no block, and is counted as empty; verify's checks agree either way."""
+    from pipeline.ops.verify_pack import check_packed_shard
+    from pipeline.tokenize.stage import _packed_report
+
+    texts = ["", "The quick brown fox.", "", "", "Tokens of a second document here."]
+    ids = [f"d{i}" for i in range(len(texts))]
+    spec = _spec(DEMO_BPE, max_length=8, pack_separator=separator)
+    rows = tokenize_texts(spec, ids, texts)
+    table, packed = pack_unit(spec, 0, rows)
+    names = [d for row in table.column("documents").to_pylist() for d in row]
+    assert ("d0" in names) == (separator is not None)
+    report = {"unit": 0, "texts": len(texts), "tokens": packed.tokens, **_packed_report(spec, rows, packed)}
+    assert report["empty_documents"] == (0 if separator else 3)
+    problems: list[str] = []
+    check_packed_shard(problems, "s", table, report, {"max_length": 8, "pack_separator": separator,
+                                                      "pack_remainder": "pad"})
+    assert problems == []
