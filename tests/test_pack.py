@@ -201,3 +201,17 @@ def test_empty_documents_are_packed_and_accounted_for(separator):
     check_packed_shard(problems, "s", table, report, {"max_length": 8, "pack_separator": separator,
                                                       "pack_remainder": "pad"})
     assert problems == []
+
+
+def test_plan_estimates_blocks_and_refuses_the_embed_stage(tmp_path):
+    from pipeline.config import load_config
+    from pipeline.ops.preview import preview_job
+
+    config = load_config(_write_config(tmp_path))
+    assert preview_job(config, ("tokens", "embeddings")).rerun.startswith(
+        "refused (exit 2): tokenizer.pack: packed blocks")
+    tokenize = preview_job(config, ("tokens",))
+    assert tokenize.rerun == "fresh output: every shard would be written"
+    # ~420k tokens (documents + EOS) in 64-token blocks of uint16 ids, int8 masks and int32 positions.
+    assert 350_000 < tokenize.estimated_tokens < 500_000
+    assert 3_000_000 < tokenize.estimated_bytes["tokens"] < 4_500_000

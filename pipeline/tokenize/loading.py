@@ -143,6 +143,17 @@ def _pack_spec(config: JobConfig, hf: Any, name: str, tokenizer_json: str) -> To
     )
 
 
+def check_pack_stages(config: JobConfig, stages: tuple[str, ...]) -> None:
+    """Refuse the embed stage on packed tokens: a block mixes documents, so no embedding of it means anything.
+
+    Raises:
+        ConfigError: ``tokenizer.pack`` is set and the embed stage is asked for.
+    """
+    if config.tokenizer.pack and "embeddings" in stages:
+        raise ConfigError("tokenizer.pack: packed blocks are LM pretraining data and have no embeddings; run "
+                          "`embedpipe tokenize` (then `embedpipe export` for Megatron), or unset tokenizer.pack")
+
+
 def load_tokenize_spec(config: JobConfig) -> TokenizeSpec:
     """Load the job's tokenizer and resolve every tokenize option, checking them before any work.
 
