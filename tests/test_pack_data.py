@@ -102,3 +102,25 @@ def test_pieces_from_position_ids_when_doc_lengths_are_not_read(packed):
     full = ShardDataset(str(packed)).__getitems__([0, 5, len(ds) - 1])
     got = PackedCollator()(batch)
     _assert_same_as_flattening(got, full)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_a_decoder_on_the_flat_batch_attends_within_each_document_piece(packed, attention):
+    """A tiny GPT-2 (random weights) on a flattened batch gives, piece by piece, the logits of that piece run
+    alone: HF reads the piece boundaries from the restarting position_ids (no attention_mask, no cache)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    ds = ShardDataset(str(packed))
+    batch = ds.collator()(ds.__getitems__([0, 1, 2]))
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=4096, n_positions=512, bos_token_id=0,
+                        eos_token_id=0)
+    config._attn_implementation = attention
+    model = GPT2LMHeadModel(config).eval()
+    cu = batch["cu_seqlens"].tolist()
+    assert len(cu) > 4  # pieces of several documents
+    with torch.no_grad():
+        flat = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        alone = torch.cat([model(input_ids=batch["input_ids"][:, s:e], use_cache=False).logits[0]
+                           for s, e in zip(cu[:-1], cu[1:])])
+    assert torch.allclose(flat, alone, atol=1e-5)
