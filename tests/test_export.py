@@ -33,8 +33,8 @@ def _reference() -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def packed(ray_cluster, tmp_path_factory) -> Path:
-    return packed_job(tmp_path_factory.mktemp("packed"))
+def packed(packed_output) -> Path:
+    return packed_output
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_pack_verify import BLOCK, packed_job
+from test_pack_verify import BLOCK
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithFlattening
 
@@ -18,8 +18,8 @@ from pipeline.data import PackedCollator, ShardDataset, StreamingDataset
 
 
 @pytest.fixture(scope="module")
-def packed(ray_cluster, tmp_path_factory):
-    return packed_job(tmp_path_factory.mktemp("packed"))
+def packed(packed_output):
+    return packed_output
 
 
 def _pieces(batch) -> list[dict]:

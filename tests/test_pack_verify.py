@@ -48,8 +48,8 @@ def packed_job(root: Path, **tokenizer) -> Path:
 
 
 @pytest.fixture(scope="module")
-def good(ray_cluster, tmp_path_factory) -> Path:
-    out = packed_job(tmp_path_factory.mktemp("packed"))
+def good(packed_output) -> Path:
+    out = packed_output
     result = verify_output(out)
     assert result.ok and not result.warnings, (result.problems, result.warnings)
     return out
