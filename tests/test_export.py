@@ -21,6 +21,7 @@ from pipeline.config import validate_config
 from pipeline.errors import ConfigError
 from pipeline.ops.export import export_megatron
 from pipeline.output.megatron import MegatronFormatError, MegatronWriter, check_megatron
+from pipeline.output.shards import read_shard
 from pipeline.run.driver import run_job
 
 indexed_dataset = pytest.importorskip("megatron.core.datasets.indexed_dataset",
@@ -139,3 +140,21 @@ def test_export_reads_an_output_on_object_storage(packed, tmp_path):
             export_megatron(packed, "s3://bucket/corpus")
     finally:
         fs.rm("memory://export-test", recursive=True)
+
+
+def test_a_failed_export_leaves_nothing_behind(packed, tmp_path, monkeypatch):
+    """A shard that cannot be read mid-way: no PREFIX.bin / .idx, and no temporary file either."""
+    import pipeline.ops.export as export
+
+    reads = []
+
+    def failing_read(path):
+        reads.append(path)
+        if len(reads) > 2:  # the dtype probe and the first shard read, then a failure
+            raise OSError(5, "Input/output error", str(path))
+        return read_shard(path)
+
+    monkeypatch.setattr(export, "read_shard", failing_read)
+    with pytest.raises(OSError):
+        export_megatron(packed, tmp_path / "corpus")
+    assert list(tmp_path.iterdir()) == []
