@@ -16,7 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-_COUNT_KEYS = ("document_tokens", "separator_tokens", "dropped_tokens", "dropped_documents", "empty_documents")
+from pipeline.output.manifest import PACK_COUNT_KEYS
+
 
 
 def is_packed(table: pa.Table) -> bool:
@@ -105,7 +106,7 @@ def check_packed_totals(problems: list[str], record: dict[str, Any]) -> None:
     """The tokens stage's totals of the packing counts equal the sums over its shards."""
     shards = record.get("shards", {}).values()
     totals = record.get("totals", {})
-    for key in _COUNT_KEYS:
+    for key in PACK_COUNT_KEYS:
         summed = sum(s.get(key, 0) for s in shards)
         if totals.get(key, 0) != summed:
             problems.append(f"tokens: totals.{key} is {totals.get(key)}, the shards sum to {summed}")
