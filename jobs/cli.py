@@ -57,7 +57,11 @@ def _summary(result: Any) -> str:
         return f"{result.stage}: nothing to do, all {result.shards} shards already committed in {where}"
     seconds = max(result.seconds, 1e-9)
     line = f"{result.stage}: {result.shards} shards in {where} ({result.skipped_shards} already done), "
-    if result.stage == "tokens":
+    if result.stage == "tokens" and "document_tokens" in totals:  # tokenizer.pack
+        line += (f"{totals.get('rows_in', 0):,} rows in, {totals.get('texts', 0):,} documents packed into "
+                 f"{totals.get('rows', 0):,} blocks, {totals.get('quarantined', 0):,} quarantined, "
+                 f"{totals.get('tokens', 0):,} tokens in blocks, {totals.get('dropped_tokens', 0):,} dropped")
+    elif result.stage == "tokens":
         line += (f"{totals.get('rows_in', 0):,} rows in, {totals.get('rows', 0):,} rows out, "
                  f"{totals.get('quarantined', 0):,} quarantined, {totals.get('tokens', 0):,} tokens, "
                  f"{totals.get('truncated_rows', 0):,} truncated")
@@ -234,10 +238,11 @@ def verify(out: str, as_json: bool) -> None:
     sys.exit(0 if result.ok else 1)
 
 
-from jobs.ops_commands import inspect, plot  # noqa: E402  (registered after the group exists)
+from jobs.ops_commands import export, inspect, plot  # noqa: E402  (registered after the group exists)
 
 main.add_command(inspect)
 main.add_command(plot)
+main.add_command(export)
 
 
 if __name__ == "__main__":

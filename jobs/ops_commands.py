@@ -79,3 +79,31 @@ def plot(out_dir: str, out_path: str, sample: int, color_by: str | None, seed: i
     pc1, pc2 = result.explained
     click.echo(f"plot: {len(result.rows):,} of {result.total:,} embeddings of {out_dir} -> {result.path} "
                f"(PC1 {pc1:.1%}, PC2 {pc2:.1%} of the variance; {len(result.labels)} labelled)")
+
+
+@click.command()
+@click.argument("out_dir", metavar="OUT", type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(["megatron"]), default="megatron", show_default=True,
+              help="megatron: Megatron-LM / NeMo indexed dataset (PREFIX.bin + PREFIX.idx).")
+@click.option("--output", "prefix", required=True, type=click.Path(dir_okay=False),
+              help="Path prefix of the files to write: PREFIX.bin and PREFIX.idx (a local path).")
+@click.option("--separator", default="eos", show_default=True,
+              help="Unpacked stages only: the token appended to each document: eos (the tokenizer's), a token, "
+                   "or none. A packed stage already holds tokenizer.pack_separator.")
+@click.option("--force", is_flag=True, help="Replace PREFIX.bin / PREFIX.idx if they exist.")
+def export(out_dir: str, fmt: str, prefix: str, separator: str, force: bool) -> None:
+    """Export OUT's token stage for LM pretraining: one sequence per source document (its tokens and the
+    separator), documents in input order, from a packed (tokenizer.pack) or an unpacked (padding: none)
+    stage. Streamed shard by shard; written under temporary names, read back, then renamed into place.
+
+    \b
+    Example: embedpipe export out/pretrain --format megatron --output out/pretrain-megatron/corpus_text_document
+             (then Megatron-LM: --data-path out/pretrain-megatron/corpus_text_document)
+    """
+    from pipeline.ops.export import export_megatron
+
+    with errors_to_exit_codes():
+        result = export_megatron(out_dir, prefix, separator=separator, force=force)
+    click.echo(f"export: {result.documents:,} documents, {result.tokens:,} tokens ({result.dtype}) -> "
+               f"{result.bin_path}, {result.idx_path}"
+               + (f"; {result.empty_documents:,} empty documents left out" if result.empty_documents else ""))

@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
 from pipeline.errors import ConfigError
 
@@ -55,12 +63,38 @@ class TokenizerConfig(_Section):
     add_special_tokens: bool = True
     pad_token: str | None = None
     stride: int | None = Field(default=None, ge=0)
+    # LM pretraining: documents (each followed by the separator) joined and cut into max_length blocks.
+    pack: bool = False
+    # "eos": the tokenizer's end-of-text token; else a token string; null: documents joined with nothing between.
+    pack_separator: str | None = "eos"
+    # The last partial block of a work unit: right-padded (mask 0) or dropped (its tokens counted).
+    pack_remainder: Literal["pad", "drop"] = "pad"
 
     @model_validator(mode="after")
-    def _stride_needs_truncation(self) -> TokenizerConfig:
+    def _check_combinations(self) -> TokenizerConfig:
+        if self.pack:
+            # Blocks are cut from whole documents: per-row padding, truncation and chunking mean nothing there.
+            # Left at their defaults they are ignored; set explicitly they are a contradiction.
+            for key in ("stride", "padding", "truncation"):
+                if key in self.model_fields_set and not (key == "stride" and self.stride is None):
+                    raise ValueError(f"tokenizer.{key} cannot be set with tokenizer.pack: true (packed blocks are "
+                                     "cut from whole documents, never padded per row or truncated); remove it")
+            return self
         if self.stride is not None and not self.truncation:
             raise ValueError("tokenizer.stride (chunking) needs tokenizer.truncation: true")
         return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Unpacked jobs dump (and so hash) as they did before the pack keys existed: their outputs stay theirs.
+        data = handler(self)
+        if not self.pack:
+            for key in _PACK_KEYS:
+                data.pop(key, None)
+        return data
+
+
+_PACK_KEYS = ("pack", "pack_separator", "pack_remainder")
 
 
 class EncoderConfig(_Section):

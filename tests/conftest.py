@@ -54,3 +54,11 @@ def bpe_no_max_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def clip_tok_dir(tmp_path_factory) -> str:
     return str(tiny_tokenizers.train_clip_style_bpe(tmp_path_factory.mktemp("tok") / "clip"))
+
+
+@pytest.fixture(scope="session")
+def packed_output(ray_cluster, tmp_path_factory):
+    """A finished packed (tokenizer.pack) tokens stage, built once: see tests/test_pack_verify.py's packed_job."""
+    from test_pack_verify import packed_job
+
+    return packed_job(tmp_path_factory.mktemp("packed"))

@@ -7,6 +7,8 @@
   epoch, resumable mid-epoch through ``state_dict()`` / ``load_state_dict()``.
 - :class:`Collator`: dynamic padding (or trimming) into ``input_ids`` / ``attention_mask`` /
   ``token_type_ids``, on the stored padding side with the stored pad id.
+- :class:`PackedCollator`: for packed blocks (``tokenizer.pack``), padding-free batches with per-document
+  ``position_ids``, ``labels`` and flash-attention cumulative lengths (``DataCollatorWithFlattening``'s).
 
 Only shards the manifest lists are read; a stage that is not complete raises :class:`StageIncomplete`
 unless ``allow_incomplete=True``.
@@ -17,8 +19,9 @@ from pipeline.data.columns import Ragged
 from pipeline.data.iterable import ResumableLoader, StreamingDataset
 from pipeline.data.layout import DataError, StageIncomplete, committed_shards, read_table
 from pipeline.data.mapstyle import ShardDataset
+from pipeline.data.packed import PackedCollator
 
 __all__ = [
-    "Collator", "DataError", "Ragged", "ResumableLoader", "ShardDataset", "StageIncomplete", "StreamingDataset",
+    "Collator", "DataError", "PackedCollator", "Ragged", "ResumableLoader", "ShardDataset", "StageIncomplete", "StreamingDataset",
     "committed_shards", "read_table",
 ]

@@ -21,6 +21,7 @@ import torch
 from pipeline.data.batch import Batch
 from pipeline.data.columns import Ragged, segment_indices
 from pipeline.data.layout import DataError
+from pipeline.data.packed import PackedCollator
 from pipeline.data.padding import token_padding
 from pipeline.data.reader import Format, OutputReader, to_tensor
 from pipeline.tokenize.core import pad_flat
@@ -150,8 +151,15 @@ def stack_rows(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def collator_for(reader: OutputReader, *, pad_to_multiple_of: int | None = None, trim: bool = False,
-                 pad_id: int | None = None, padding_side: str | None = None) -> Collator:
-    """A Collator for ``reader``'s columns; looks up only the padding facts its batches need."""
+                 pad_id: int | None = None, padding_side: str | None = None,
+                 flatten: bool = True) -> Collator | PackedCollator:
+    """A Collator for ``reader``'s columns; looks up only the padding facts its batches need.
+
+    Packed token shards (``tokenizer.pack``) get a :class:`~pipeline.data.packed.PackedCollator` instead
+    (``flatten``: padding-free (1, T) batches, or the (B, L) blocks).
+    """
+    if "tokens" in reader.output.stages and reader.output.manifest.get("config", {}).get("tokenizer", {}).get("pack"):
+        return PackedCollator(flatten=flatten, format=reader.format)
     ragged = any(spec.kind == "ragged" for spec in reader.specs.values())
     need_side = (ragged or trim) and padding_side is None
     need_pad = ragged and pad_id is None

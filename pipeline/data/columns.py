@@ -94,6 +94,8 @@ def column_spec(name: str, stage: str, field: pa.Field) -> ColumnSpec:
     value_type = field.type
     if pa.types.is_string(value_type) or pa.types.is_large_string(value_type):
         return ColumnSpec(name, stage, "string")
+    if pa.types.is_list(value_type) and pa.types.is_string(value_type.value_type):  # a packed block's documents
+        return ColumnSpec(name, stage, "string")
     kind: Kind = "fixed"
     if pa.types.is_list(value_type) or pa.types.is_large_list(value_type):
         kind, value_type = "ragged", value_type.value_type

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data.collate import Collator, collator_for
+from pipeline.data.packed import PackedCollator
 from pipeline.data.order import EpochOrder, rank_batches
 from pipeline.data.reader import Format, OutputReader, TokenDtype
 
@@ -156,10 +157,10 @@ class StreamingDataset(IterableDataset):
     # ---------------------------------------------------------------- loading
 
     def collator(self, *, pad_to_multiple_of: int | None = None, trim: bool = False, pad_id: int | None = None,
-                 padding_side: str | None = None) -> Collator:
+                 padding_side: str | None = None, flatten: bool = True) -> Collator | PackedCollator:
         """The ``collate_fn`` for these batches (dynamic padding, trimming), with the stored padding."""
         return collator_for(self.reader, pad_to_multiple_of=pad_to_multiple_of, trim=trim, pad_id=pad_id,
-                            padding_side=padding_side)
+                            padding_side=padding_side, flatten=flatten)
 
     def loader(self, num_workers: int = 0, collate_fn: Any = None, **kwargs: Any) -> ResumableLoader:
         """A DataLoader over this stream (``batch_size=None``), collating with :meth:`collator` by default."""

@@ -9,6 +9,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from pipeline.data.collate import Collator, collator_for
+from pipeline.data.packed import PackedCollator
 from pipeline.data.reader import Format, OutputReader, TokenDtype, to_tensor
 
 
@@ -58,8 +59,8 @@ class ShardDataset(Dataset):
         return row
 
     def collator(self, *, pad_to_multiple_of: int | None = None, trim: bool = False, pad_id: int | None = None,
-                 padding_side: str | None = None) -> Collator:
+                 padding_side: str | None = None, flatten: bool = True) -> Collator | PackedCollator:
         """The ``collate_fn`` for this dataset, with its stored padding side and pad id."""
         return collator_for(self.reader, pad_to_multiple_of=pad_to_multiple_of, trim=trim, pad_id=pad_id,
-                            padding_side=padding_side)
+                            padding_side=padding_side, flatten=flatten)
 

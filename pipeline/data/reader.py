@@ -18,7 +18,7 @@ from pipeline.output.embedding_format import arrow_to_numpy, field_dims
 Format = Literal["torch", "numpy"]
 TokenDtype = Literal["int64", "stored"]
 # Integer token columns widened to int64 by default: what embedding layers and HF models take.
-TOKEN_INT_COLUMNS = ("input_ids", "attention_mask", "token_type_ids", "length", "chunk")
+TOKEN_INT_COLUMNS = ("input_ids", "attention_mask", "token_type_ids", "length", "chunk", "position_ids")
 
 
 class OutputReader:

@@ -25,7 +25,7 @@ from pipeline.output.storage import output_path
 from pipeline.run.increments import plan_job
 from pipeline.run.job_record import decide_resume
 from pipeline.tokenize.core import tokenize_texts
-from pipeline.tokenize.loading import load_tokenize_spec
+from pipeline.tokenize.loading import check_pack_stages, load_tokenize_spec
 from pipeline.tokenize.stage import ReadSpec, read_unit
 
 # Rows tokenized for the estimates: SAMPLE_UNITS units spread over the plan, SAMPLE_ROWS rows from each.
@@ -97,9 +97,20 @@ def preview_job(config: JobConfig, stages: tuple[str, ...]) -> PlanPreview:
     width = spec.fixed_width
     token_bytes = 2 if spec.vocab_size <= 65536 else 4
     per_row = (width or tokens_per_row) * (token_bytes + 1 + (1 if spec.with_token_type_ids else 0)) + 4 + 24
+    est_tokens = int(est_rows * tokens_per_row)
+    if spec.pack:  # rows are blocks: every document's tokens and separator, max_length at a time (+ position ids)
+        separator = 1 if spec.pack_separator_id is not None else 0
+        est_tokens = int(rows_in * (tokens_per_row + separator))
+        est_rows = round(est_tokens / spec.max_length)
+        per_row = spec.max_length * (token_bytes + 1 + 4) + 64
     estimated = {"tokens": int(est_rows * per_row)}
     rerun, skip = _rerun_outcome(config, out_dir, old, files, plan, spec, stages)
-    if "embeddings" in stages:
+    if "embeddings" in stages and config.tokenizer.pack:
+        try:
+            check_pack_stages(config, stages)
+        except ConfigError as exc:
+            rerun, skip = f"refused (exit 2): {exc}", {}
+    elif "embeddings" in stages:
         from pipeline.encode.stage import plan_embed
 
         try:  # the checks a run makes of the encoder before any work (the device does not change them)
@@ -114,7 +125,7 @@ def preview_job(config: JobConfig, stages: tuple[str, ...]) -> PlanPreview:
         rows=rows_in, sample_rows=texts, tokens_per_row=round(tokens_per_row, 1),
         truncated_fraction=round(float(np.mean(untruncated > (spec.max_length or 0))) if spec.truncation and texts
                                  else 0.0, 4),
-        estimated_tokens=int(est_rows * tokens_per_row), estimated_bytes=estimated, rerun=rerun,
+        estimated_tokens=est_tokens, estimated_bytes=estimated, rerun=rerun,
         would_skip=skip, increment=plan.increment, skipped=[s.to_json() for s in found.skipped],
     )
 

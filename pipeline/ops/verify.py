@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.errors import InputError
+from pipeline.ops.verify_pack import check_packed_shard, check_packed_totals, is_packed
 from pipeline.output.contract import DATASET_INFO_NAME, DATASET_STATE_NAME, QUARANTINE_DIR, STAGES, STAGING_DIR
 from pipeline.output.embedding_format import arrow_to_numpy, count_nonfinite, field_dims
 from pipeline.output.manifest import load_manifest
@@ -176,6 +177,10 @@ def _check_tokens(result: VerifyResult, out_dir: Path, manifest: dict[str, Any],
         if shard["rows_in"] != shard["texts"] + shard["quarantined"]:
             result.problems.append(f"tokens/{name}: {shard['rows_in']} rows in but {shard['texts']} tokenized "
                                    f"+ {shard['quarantined']} quarantined")
+        if is_packed(table):
+            check_packed_shard(result.problems, name, table, shard, manifest.get("config", {}).get("tokenizer", {}))
+            _check_quarantine_file(result, out_dir, name, shard)
+            continue
         mask_counts = _row_sums(table.column("attention_mask"))
         lengths = table.column("length").to_numpy()
         bad = np.flatnonzero(mask_counts != lengths)
@@ -183,6 +188,8 @@ def _check_tokens(result: VerifyResult, out_dir: Path, manifest: dict[str, Any],
             result.problems.append(f"tokens/{name}: row {int(bad[0])}: attention mask counts {int(mask_counts[bad[0]])} "
                                    f"real tokens, length says {int(lengths[bad[0]])} ({len(bad)} rows so)")
         _check_quarantine_file(result, out_dir, name, shard)
+    if any(is_packed(t) for t in tables.values()):
+        check_packed_totals(result.problems, manifest["stages"]["tokens"])
     extra, dupes = find_duplicates(list(tables), lambda name: row_keys(tables[name]),
                                    sum(t.num_rows for t in tables.values()))
     if extra:

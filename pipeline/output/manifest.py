@@ -198,6 +198,11 @@ def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
     return []
 
 
+# tokenizer.pack's per-shard counts, summed in the totals: tokens made (documents + separators) = tokens in
+# blocks + dropped; documents in no block (empty, or wholly in a dropped remainder).
+PACK_COUNT_KEYS = ("document_tokens", "separator_tokens", "dropped_tokens", "dropped_documents", "empty_documents")
+
+
 def add_counts(manifest: dict[str, Any], stage: str) -> None:
     """Recompute a stage's totals (and the job's row counts) from its committed shards.
 
@@ -209,6 +214,9 @@ def add_counts(manifest: dict[str, Any], stage: str) -> None:
     keys = ("rows_in", "rows", "texts", "quarantined", "blank_lines", "tokens", "untruncated_tokens",
             "truncated_rows", "bytes", "nonfinite_rows", "computed_tokens")
     for key in keys:
+        if any(key in s for s in shards):
+            totals[key] = sum(s.get(key, 0) for s in shards)
+    for key in PACK_COUNT_KEYS:
         if any(key in s for s in shards):
             totals[key] = sum(s.get(key, 0) for s in shards)
     histogram = None

@@ -38,7 +38,7 @@ from pipeline.run.job_record import JobRecord, ProgressCallback, StageResult
 from pipeline.run.report import peak_rss_mb
 from pipeline.run.stopping import DEFAULT_GRACE, StopRequest, install, stop_on_signals
 from pipeline.tokenize.core import TokenizeSpec, token_schema
-from pipeline.tokenize.loading import load_tokenize_spec
+from pipeline.tokenize.loading import check_pack_stages, load_tokenize_spec
 from pipeline.tokenize.stage import ReadSpec, run_unit
 
 log = logging.getLogger("embedpipe")
@@ -113,6 +113,7 @@ def run_job(config: JobConfig, *, stages: tuple[str, ...] = STAGES, force: bool 
         Interrupted: SIGTERM or SIGINT came; in-flight shards were given ``grace`` seconds (see
             :mod:`pipeline.run.stopping`).
     """
+    check_pack_stages(config, stages)  # before anything: the embed stage refuses packed tokens
     with stop_on_signals(grace) as stop:
         return _run_job(config, stages, force, progress, stop)
 

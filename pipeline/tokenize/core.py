@@ -22,6 +22,8 @@ import numpy as np
 import pyarrow as pa
 from tokenizers import Encoding, Tokenizer
 
+from pipeline.tokenize.pack import packed_schema
+
 # Bucket edges of the histogram of untruncated lengths (max_length is added to them).
 _HISTOGRAM_EDGES = (0, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 
@@ -50,6 +52,11 @@ class TokenizeSpec:
     # only adds tokens there. Known, a text is encoded whole and its row cut here, which is what the
     # backend's truncation gives without building the overflowing windows it would then throw away.
     special_tokens_around: tuple[int, int] | None = None
+    # Packing (LM pretraining, see pipeline.tokenize.pack): documents are tokenized whole (no truncation, no
+    # padding) and cut into max_length blocks, each document followed by pack_separator_id (None: nothing).
+    pack: bool = False
+    pack_separator_id: int | None = None
+    pack_remainder: Literal["pad", "drop"] = "pad"
 
     @property
     def tokenizer_sha256(self) -> str:
@@ -223,6 +230,8 @@ def _list_type(value_type: pa.DataType, width: int | None) -> pa.DataType:
 
 def token_schema(spec: TokenizeSpec) -> pa.Schema:
     """The one Arrow schema of token shards for ``spec`` (see DESIGN.md, output format)."""
+    if spec.pack:
+        return packed_schema(pa.from_numpy_dtype(np.dtype(spec.id_dtype)), spec.max_length)
     width = spec.fixed_width
     # uint16 ids halve the shard when the vocabulary fits (BERT 30k, GPT-2 50k); int8 masks and type ids.
     fields = [pa.field("id", pa.string())]

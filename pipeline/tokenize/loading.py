@@ -99,6 +99,61 @@ def _special_tokens_around(tokenizer_json: str, add_special_tokens: bool, num_sp
     return found.pop() if len(found) == 1 else None
 
 
+def _model_max_length(hf: Any, name: str) -> int:
+    model_max = hf.model_max_length
+    if model_max is None or model_max >= _PLACEHOLDER_MAX_LENGTH:
+        raise ConfigError(
+            f"tokenizer.max_length is not set and tokenizer {name!r} has no real model_max_length "
+            f"(it says {model_max!r}); set tokenizer.max_length"
+        )
+    return int(model_max)
+
+
+def _token_id(hf: Any, token: str, key: str, name: str) -> int:
+    token_id = hf.backend_tokenizer.token_to_id(token)
+    if token_id is None:
+        raise ConfigError(f"{key}: {token!r} is not in the vocabulary of {name!r}")
+    return token_id
+
+
+def _pack_spec(config: JobConfig, hf: Any, name: str, tokenizer_json: str) -> TokenizeSpec:
+    """The spec of a packed job: whole documents (no truncation, no padding), cut into max_length blocks."""
+    opts = config.tokenizer
+    block = opts.max_length or _model_max_length(hf, name)
+    separator = opts.pack_separator
+    if separator == "eos":
+        separator = hf.eos_token
+        if separator is None:
+            raise ConfigError(f"tokenizer.pack_separator: tokenizer {name!r} has no EOS token to end documents "
+                              "with; set tokenizer.pack_separator to a token of its vocabulary (e.g. \"[SEP]\") "
+                              "or null to join documents with nothing between them")
+    separator_id = _token_id(hf, separator, "tokenizer.pack_separator", name) if separator is not None else None
+    # Padding of the last partial block: the pad token if there is one, else the separator (mask 0 either way).
+    pad_token = opts.pad_token or hf.pad_token
+    pad_id = _token_id(hf, pad_token, "tokenizer.pad_token", name) if pad_token else (separator_id or 0)
+    processor = hf.backend_tokenizer.post_processor
+    num_special = processor.num_special_tokens_to_add(False) if processor and opts.add_special_tokens else 0
+    vocab_size = hf.backend_tokenizer.get_vocab_size(with_added_tokens=True)
+    return TokenizeSpec(
+        tokenizer_json=tokenizer_json, max_length=block, padding="none", padding_side="right", truncation=False,
+        truncation_side="right", add_special_tokens=opts.add_special_tokens, pad_id=pad_id, stride=None,
+        with_token_type_ids=False, id_dtype="uint16" if vocab_size <= 2**16 else "int32",
+        num_special_tokens=num_special, single_type_ids_zero=True, vocab_size=vocab_size,
+        pack=True, pack_separator_id=separator_id, pack_remainder=opts.pack_remainder,
+    )
+
+
+def check_pack_stages(config: JobConfig, stages: tuple[str, ...]) -> None:
+    """Refuse the embed stage on packed tokens: a block mixes documents, so no embedding of it means anything.
+
+    Raises:
+        ConfigError: ``tokenizer.pack`` is set and the embed stage is asked for.
+    """
+    if config.tokenizer.pack and "embeddings" in stages:
+        raise ConfigError("tokenizer.pack: packed blocks are LM pretraining data and have no embeddings; run "
+                          "`embedpipe tokenize` (then `embedpipe export` for Megatron), or unset tokenizer.pack")
+
+
 def load_tokenize_spec(config: JobConfig) -> TokenizeSpec:
     """Load the job's tokenizer and resolve every tokenize option, checking them before any work.
 
@@ -113,15 +168,11 @@ def load_tokenize_spec(config: JobConfig) -> TokenizeSpec:
     # Serialize before anything can change the backend's padding/truncation state.
     tokenizer_json = hf.backend_tokenizer.to_str()
 
+    if opts.pack:
+        return _pack_spec(config, hf, name, tokenizer_json)
     max_length = opts.max_length
     if max_length is None and (opts.truncation or opts.padding == "max_length"):
-        model_max = hf.model_max_length
-        if model_max is None or model_max >= _PLACEHOLDER_MAX_LENGTH:
-            raise ConfigError(
-                f"tokenizer.max_length is not set and tokenizer {name!r} has no real model_max_length "
-                f"(it says {model_max!r}); set tokenizer.max_length"
-            )
-        max_length = int(model_max)
+        max_length = _model_max_length(hf, name)
 
     pad_id = None
     if opts.padding != "none":

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from pipeline.faults import fault_point
 from pipeline.inputs.columnar import read_columnar_rows
@@ -24,6 +25,7 @@ from pipeline.inputs.plan import WorkUnit
 from pipeline.output.shards import write_jsonl, write_shard
 from pipeline.output.storage import output_path
 from pipeline.tokenize.core import TokenizeSpec, TokenRows, length_histogram, to_table, tokenize_texts
+from pipeline.tokenize.pack import PackedBlocks, pack_documents, packed_table
 
 # Texts handed to the tokenizer at once: bounds the Rust encodings alive at a time.
 BATCH_ROWS = 1024
@@ -53,6 +55,36 @@ def read_unit(unit: WorkUnit, read: ReadSpec, hasher: Any | None = None) -> Iter
 def tokenize_unit(unit: WorkUnit, read: ReadSpec, spec: TokenizeSpec,
                   hasher: Any | None = None) -> tuple[Any, TokenRows, list[BadRow], int]:
     """Tokenize every good row of a unit; returns (Arrow table, unpadded rows, bad rows, blank JSONL lines)."""
+    rows, bad, blank = _tokenize_rows(unit, read, spec, hasher)
+    table = pack_unit(spec, unit.index, rows)[0] if spec.pack else to_table(spec, rows)
+    return table, rows, bad, blank
+
+
+def pack_unit(spec: TokenizeSpec, unit_index: int, rows: TokenRows) -> tuple[pa.Table, PackedBlocks]:
+    """A unit's documents packed into blocks (see :mod:`pipeline.tokenize.pack`), as a table and the counts."""
+    packed = pack_documents(rows.flat_ids, rows.lengths, spec.max_length, spec.pack_separator_id,
+                            spec.pack_remainder, spec.pad_id or 0)
+    id_type = pa.from_numpy_dtype(np.dtype(spec.id_dtype))
+    return packed_table(packed, unit_index, rows.ids, id_type), packed
+
+
+def _packed_report(spec: TokenizeSpec, rows: TokenRows, packed: PackedBlocks) -> dict[str, Any]:
+    """The packing counts a shard's manifest record carries (verify re-derives them from the blocks)."""
+    return {
+        "packed": True,
+        "separator_id": spec.pack_separator_id,
+        "document_tokens": packed.document_tokens,
+        "separator_tokens": packed.separator_tokens,
+        "dropped_tokens": packed.dropped_tokens,
+        "dropped_documents": packed.dropped_documents,
+        # Documents with no token at all (empty, no special tokens, no separator): in no block.
+        "empty_documents": int(np.count_nonzero(rows.lengths == 0)) if packed.separator_tokens == 0 else 0,
+        "pieces": len(packed.piece_lengths),
+    }
+
+
+def _tokenize_rows(unit: WorkUnit, read: ReadSpec, spec: TokenizeSpec,
+                   hasher: Any | None) -> tuple[TokenRows, list[BadRow], int]:
     parts: list[TokenRows] = []
     bad: list[BadRow] = []
     blank = 0
@@ -63,14 +95,19 @@ def tokenize_unit(unit: WorkUnit, read: ReadSpec, spec: TokenizeSpec,
             parts.append(tokenize_texts(spec, batch.ids, batch.texts))
     if not parts:
         parts.append(tokenize_texts(spec, [], []))
-    rows = TokenRows.concat(parts)
-    return to_table(spec, rows), rows, bad, blank
+    return TokenRows.concat(parts), bad, blank
 
 
 def run_unit(unit: WorkUnit, name: str, read: ReadSpec, spec: TokenizeSpec, out_dir: str) -> dict[str, Any]:
     """Tokenize one unit and commit its shard ``tokens/<name>`` (and quarantine file); return the shard's report."""
     hasher = input_hasher()
-    table, rows, bad, blank = tokenize_unit(unit, read, spec, hasher)
+    rows, bad, blank = _tokenize_rows(unit, read, spec, hasher)
+    packing: dict[str, Any] = {}
+    if spec.pack:
+        table, packed = pack_unit(spec, unit.index, rows)
+        packing = _packed_report(spec, rows, packed)
+    else:
+        table = to_table(spec, rows)
     fault_point("tokenize.before_commit")
     out = output_path(out_dir)
     committed = write_shard(table, out / "tokens" / name)
@@ -92,7 +129,8 @@ def run_unit(unit: WorkUnit, name: str, read: ReadSpec, spec: TokenizeSpec, out_
         "texts": len(rows.untruncated),
         "quarantined": len(bad),
         "quarantine_file": quarantine_file,
-        "tokens": int(rows.lengths.sum()),
+        # Packed: the real tokens in the blocks (= document_tokens + separator_tokens - dropped_tokens).
+        "tokens": int(packed.tokens) if spec.pack else int(rows.lengths.sum()),
         "untruncated_tokens": int(rows.untruncated.sum()),
         "truncated_rows": truncated,
         "length_histogram": length_histogram(spec, rows.untruncated),
@@ -101,5 +139,6 @@ def run_unit(unit: WorkUnit, name: str, read: ReadSpec, spec: TokenizeSpec, out_
         # What the shard was made from (checked on resume): the unit's bytes (line files) or values (columnar).
         "input_sha256": hasher.hexdigest(),
         **({"input_etag": unit.file.etag} if unit.file.etag else {}),
+        **packing,
     }
 
