@@ -25,8 +25,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data.collate import Collator, collator_for
-from pipeline.data.packed import PackedCollator
 from pipeline.data.order import EpochOrder, rank_batches
+from pipeline.data.packed import PackedCollator
 from pipeline.data.reader import Format, OutputReader, TokenDtype
 
 # DataLoader arguments a resumable stream cannot do without (in_order exists from torch 2.6; before, always in order).

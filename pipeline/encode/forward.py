@@ -34,6 +34,7 @@ What a row's embedding is (DESIGN.md "Encoding semantics"):
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -286,7 +287,7 @@ def encode_rows(
     input_ids: np.ndarray | Sequence[np.ndarray],
     attention_mask: np.ndarray | None = None,
     token_type_ids: np.ndarray | Sequence[np.ndarray] | None = None,
-    options: EncodeOptions = EncodeOptions(),  # noqa: B008 - frozen, so sharing the default is safe
+    options: EncodeOptions = EncodeOptions(),
     *,
     padding_side: Literal["right", "left"] = "right",
     device: torch.device | str | None = None,
@@ -362,7 +363,7 @@ def _split(rows: np.ndarray, batch: dict[str, torch.Tensor], times: int):
     """A batch cut into 2**times row-parts (fewer when it has fewer rows)."""
     parts = min(2 ** times, len(rows)) if len(rows) else 1
     bounds = np.linspace(0, len(rows), parts + 1).astype(int)
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
+    for lo, hi in itertools.pairwise(bounds):
         yield rows[lo:hi], {k: v[lo:hi] for k, v in batch.items()}
 
 

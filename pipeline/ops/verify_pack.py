@@ -19,7 +19,6 @@ import pyarrow.compute as pc
 from pipeline.output.manifest import PACK_COUNT_KEYS
 
 
-
 def is_packed(table: pa.Table) -> bool:
     return "doc_lengths" in table.column_names
 
