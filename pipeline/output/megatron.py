@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.output.shards import fsync_dir
+
 INDEX_HEADER = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
 # megatron.core.datasets.indexed_dataset.DType
@@ -33,14 +35,6 @@ _CHUNK = 1 << 20  # sequences per index chunk: 20 MB of index in memory at most
 
 class MegatronFormatError(ValueError):
     """A .bin/.idx pair that is not what the writer meant to write."""
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class MegatronWriter:
@@ -115,7 +109,7 @@ class MegatronWriter:
         check_megatron(self.bin_tmp, self.idx_tmp, self.sequences, self.tokens, self._bin_digest.hexdigest())
         os.replace(self.bin_tmp, self.prefix.with_name(self.prefix.name + ".bin"))
         os.replace(self.idx_tmp, self.prefix.with_name(self.prefix.name + ".idx"))
-        _fsync_dir(self.prefix.parent)
+        fsync_dir(self.prefix.parent)
 
 
 def _chunks(path: Path, dtype: type) -> Iterator[np.ndarray]:

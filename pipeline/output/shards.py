@@ -37,7 +37,8 @@ class CommittedFile:
     sha256: str
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a local directory, so that the renames into it survive a crash."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -73,7 +74,7 @@ def commit_bytes(data: bytes | memoryview, final_path: Location) -> CommittedFil
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(final_path.parent)
+    fsync_dir(final_path.parent)
     return CommittedFile(str(final_path), len(data), digest)
 
 
