@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cli_runs import cli_env, embedpipe, output_files
+from cli_runs import cli_env, embedpipe, output_files, start_embedpipe
 from tiny_models import build_tiny_bert
 
 BUCKET = "embedpipe-test"
@@ -218,6 +218,46 @@ def test_one_job_per_s3_output_and_a_dead_holders_lease_is_taken_over(job, s3):
     done = embedpipe("run", job["config"], "-o", url, "--no-progress", env=_env(s3))
     assert done.returncode == 0, done.stderr
     assert f"took over the lock of {url} left by a job that is gone: pid {dead.pid}" in done.stderr
+
+
+@pytest.mark.faults
+def test_a_short_lease_is_renewed_through_a_long_job_and_refuses_a_second_job(job, s3, tmp_path):
+    """A 2 s lease (``EMBEDPIPE_LOCK_LEASE_SECONDS``) held by a job paused for over four leases (the
+    driver waits at its first shard record, ``driver.after_record:1:pause``): its renewals keep the
+    lease in the future, a second job on the same output is refused (exit 3, naming the holder), and
+    the first, let go, completes with the same objects as the local run and removes its lease."""
+    lease = 2.0
+    url, lock_key = f"s3://{BUCKET}/lease", f"{BUCKET}/lease/.lock"
+    counters = tmp_path / "counters"
+    first = start_embedpipe("run", job["config"], "-o", url, "--no-progress", env=_env(
+        s3, EMBEDPIPE_LOCK_LEASE_SECONDS=str(lease), EMBEDPIPE_FAULT="driver.after_record:1:pause",
+        EMBEDPIPE_FAULT_DIR=str(counters)))
+    try:
+        paused = counters / "driver.after_record.1.paused"
+        deadline = time.monotonic() + 240
+        while not paused.exists():
+            assert first.poll() is None and time.monotonic() < deadline, "the job never reached its first record"
+            time.sleep(0.1)
+        assert paused.read_text() == str(first.pid)  # the driver itself waits, lock held
+        seen = []
+        until = time.time() + 4 * lease
+        while time.time() < until:
+            seen.append((time.time(), json.loads(s3["fs"].cat_file(lock_key))["expires_at"]))
+            time.sleep(lease / 4)
+        second = embedpipe("run", job["config"], "-o", url, "--no-progress",
+                           env=_env(s3, EMBEDPIPE_LOCK_LEASE_SECONDS=str(lease)))
+        assert second.returncode == 3, second.stdout + second.stderr
+        assert "locked by a running job" in second.stderr and f"pid {first.pid}" in second.stderr, second.stderr
+        assert first.poll() is None, "the first job ended while it should be paused"
+        # Renewed every lease/4: never run out while looked at, and moved on by about the time that passed.
+        assert all(expires > at for at, expires in seen), seen
+        assert seen[-1][1] - seen[0][1] > 3 * lease, seen
+    finally:
+        (counters / "driver.after_record.1.resume").touch()
+    _, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr
+    assert _objects(s3, url) == job["reference"]
+    assert not s3["fs"].exists(lock_key), "the lease outlived the job"
 
 
 SHARDS = 4  # 150 rows (one quarantined) in units of 40: four shards per stage
