@@ -294,7 +294,7 @@ def test_killed_mid_job_on_s3_then_rerun_is_identical(job, s3, fault, tmp_path):
     counters = tmp_path / "counters"
     env = _env(s3, EMBEDPIPE_FAULT=fault, EMBEDPIPE_FAULT_DIR=str(counters))
     first = embedpipe("run", job["config"], "-o", url, "--no-progress", env=env)
-    assert (counters / f"{site}.{n}").exists(), f"{fault}: the {n}th arrival, the one that kills, never came"
+    assert (counters / f"{site}.{n}").exists(), f"{fault}: arrival {n}, the one that kills, never came"
     assert first.returncode == expected_exit, first.stderr
     assert _arrivals(counters, site) == expected_arrivals, sorted(p.name for p in counters.iterdir())
     if expected_exit == 0:  # retried within the run: already complete, nothing lost or doubled
