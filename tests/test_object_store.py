@@ -261,9 +261,10 @@ def test_a_short_lease_is_renewed_through_a_long_job_and_refuses_a_second_job(jo
 
 
 SHARDS = 4  # 150 rows (one quarantined) in units of 40: four shards per stage
-# fault -> (the exit status the site implies, how many arrivals the first run makes at the site).
-# A driver killed at its n-th record dies with SIGKILL, so no arrival after the n-th; a worker or actor
-# killed there is retried by Ray within the run (exit 0), and the retry arrives once more: SHARDS + 1.
+# fault -> (the exit status the site implies, the arrivals the first run makes at the site: exactly, for
+# the driver; at least, for a worker or actor). A driver killed at its n-th record dies with SIGKILL, so no
+# arrival after the n-th; a worker or actor killed there is retried within the run (exit 0), and the retry
+# arrives once more: SHARDS + 1 (more only if Ray's retry and the driver's resubmission both ran it).
 # No ``commit.*`` case: those sites fire in any process (the driver writes manifests, workers and actors
 # shards) in an order the scheduling decides, so no exit status follows from them; and on an object store
 # ``commit.before_rename`` is the same state as ``commit.write`` (no rename: both fire just before the one
@@ -296,7 +297,11 @@ def test_killed_mid_job_on_s3_then_rerun_is_identical(job, s3, fault, tmp_path):
     first = embedpipe("run", job["config"], "-o", url, "--no-progress", env=env)
     assert (counters / f"{site}.{n}").exists(), f"{fault}: arrival {n}, the one that kills, never came"
     assert first.returncode == expected_exit, first.stderr
-    assert _arrivals(counters, site) == expected_arrivals, sorted(p.name for p in counters.iterdir())
+    arrivals = _arrivals(counters, site)
+    if expected_exit == 0:
+        assert arrivals >= expected_arrivals, f"the killed work was not run again: {arrivals} arrivals"
+    else:
+        assert arrivals == expected_arrivals, f"arrivals after the driver's death: {arrivals}"
     if expected_exit == 0:  # retried within the run: already complete, nothing lost or doubled
         assert _objects(s3, url) == job["reference"]
     again = embedpipe("run", job["config"], "-o", url, "--no-progress", env=_env(s3))
