@@ -110,14 +110,18 @@ def _run_twice(cluster: Cluster, workers: list, settings: dict, out_ref: str, ou
         while not paused.exists():
             if finished.wait(0.05):
                 return
-        time.sleep(0.1)  # the pid is written just after the file is created
-        pid = int(paused.read_text())
-        victim = _node_of(pid, workers)
-        removal.update(pid=pid, node=victim.unique_id)
-        cluster.remove_node(victim, allow_graceful=False)
-        removal["pid_gone"] = _gone(pid)
-        # Lets the paused process go on if it survived its node (the report then says so and the test fails).
-        (fault_dir / f"{PAUSED_SITE}.{PAUSED_ARRIVAL}.resume").touch()
+        try:
+            time.sleep(0.1)  # the pid is written just after the file is created
+            pid = int(paused.read_text())
+            victim = _node_of(pid, workers)
+            removal.update(pid=pid, node=victim.unique_id)
+            cluster.remove_node(victim, allow_graceful=False)
+            removal["pid_gone"] = _gone(pid)
+        except Exception as exc:  # noqa: BLE001 - reported, and the test fails on the missing removal
+            removal["error"] = repr(exc)
+        finally:
+            # Lets the paused process go on if it survived (the report then says so and the test fails).
+            (fault_dir / f"{PAUSED_SITE}.{PAUSED_ARRIVAL}.resume").touch()
 
     ray.init(address=cluster.address, runtime_env={"env_vars": {
         ENV_FAULT: f"{PAUSED_SITE}:{PAUSED_ARRIVAL}:pause", ENV_FAULT_DIR: str(fault_dir)}}, **RAY_INIT)
@@ -142,6 +146,7 @@ def _run_twice(cluster: Cluster, workers: list, settings: dict, out_ref: str, ou
               "cli_nodes": _nodes_used(out_cli) if cli.returncode == 0 else [],
               "trying_again": retries.trying_again, "replaced_actors": retries.replaced_actors,
               "removed": [removal["node"]] if "node" in removal else [], "paused_pid_gone": removal.get("pid_gone"),
+              "removal_error": removal.get("error"),
               "paused_arrivals": arrivals, "ref_nodes": _nodes_used(out_ref),
               "disturbed_nodes": _nodes_used(out_disturbed), "worker_nodes": [w.unique_id for w in workers]}
     with open(report_path, "w") as fh:
