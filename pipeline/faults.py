@@ -3,7 +3,9 @@
 ``EMBEDPIPE_FAULT=<site>:<n>[:<action>][,...]`` makes the n-th arrival of any
 process of the job at ``<site>`` fail: ``kill`` (the default) sends it SIGKILL,
 as the OOM killer or a lost node would; ``enospc`` raises "No space left on
-device" as a full disk would. Arrivals are counted across processes (Ray workers,
+device" as a full disk would; ``pause`` creates ``<site>.<n>.paused`` (holding the pid) in
+``EMBEDPIPE_FAULT_DIR`` and waits, as a stuck or slow process would, until ``<site>.<n>.resume``
+appears there (a test's way to act while that process has work in flight). Arrivals are counted across processes (Ray workers,
 actors, the driver) and across retries with files created in
 ``EMBEDPIPE_FAULT_DIR``, so a fault fires exactly once per job. Unset, every
 :func:`fault_point` is a dictionary lookup and nothing else.
@@ -16,6 +18,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import time
 from pathlib import Path
 
 SITES = (
@@ -28,7 +31,7 @@ SITES = (
     "commit.write",            # any process: about to write a file's bytes (use with :enospc)
     "driver.after_record",     # the driver, a shard recorded in memory, the manifest not yet rewritten
 )
-ACTIONS = ("kill", "enospc")
+ACTIONS = ("kill", "enospc", "pause")
 ENV_FAULT = "EMBEDPIPE_FAULT"
 ENV_FAULT_DIR = "EMBEDPIPE_FAULT_DIR"
 
@@ -41,15 +44,20 @@ def parse_faults(spec: str) -> dict[str, tuple[int, str]]:
         count, _, action = rest.partition(":")
         action = action or "kill"
         if site not in SITES or action not in ACTIONS or not count.isdigit() or int(count) < 1:
-            raise ValueError(f"{ENV_FAULT}: bad item {item!r}; expected <site>:<n>[:kill|enospc], sites: {SITES}")
+            raise ValueError(f"{ENV_FAULT}: bad item {item!r}; expected <site>:<n>[:kill|enospc|pause], sites: {SITES}")
         faults[site] = (int(count), action)
     return faults
 
 
-def _arrival_number(site: str) -> int:
-    """Claim the next arrival number at ``site`` (atomic across processes: O_EXCL file creation)."""
+def _fault_dir() -> Path:
     directory = Path(os.environ.get(ENV_FAULT_DIR) or "/tmp/embedpipe-faults")
     directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+def _arrival_number(site: str) -> int:
+    """Claim the next arrival number at ``site`` (atomic across processes: O_EXCL file creation)."""
+    directory = _fault_dir()
     number = 1
     while True:
         try:
@@ -69,6 +77,12 @@ def fault_point(site: str) -> None:
         return
     count, action = wanted
     if _arrival_number(site) != count:
+        return
+    if action == "pause":
+        directory = _fault_dir()
+        (directory / f"{site}.{count}.paused").write_text(str(os.getpid()))
+        while not (directory / f"{site}.{count}.resume").exists():
+            time.sleep(0.05)
         return
     if action == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
