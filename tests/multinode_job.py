@@ -2,11 +2,11 @@
 
 usage: python multinode_job.py CONFIG_JSON OUT_REF OUT_DISTURBED REPORT_JSON
 Runs the job undisturbed into OUT_REF, then again into OUT_DISTURBED with an encoder actor paused in
-the middle of a shard (``embed.before_commit:2:pause``, through the job's runtime environment): the
-worker node that actor runs on is removed (kill, not graceful) while the shard is in flight there.
+the middle of a shard (``embed.after_piece:2:pause``: a piece computed, not yet returned; through the
+job's runtime environment): the worker node that actor runs on is removed (kill, not graceful) while the shard is in flight there.
 Writes REPORT_JSON (Ray's raylets print on stdout): the nodes each run's tokenize units ran on, the node
 removed, the paused process and whether it died with its node, the arrivals at the paused site (the
-lost shard is embedded again: one more than the shards), and the driver's resubmission warnings.
+lost piece is embedded again: more arrivals than the pieces), and the driver's resubmission warnings.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pipeline.faults import ENV_FAULT, ENV_FAULT_DIR
 from pipeline.output.manifest import load_manifest
 from pipeline.run.driver import run_job
 
-PAUSED_SITE, PAUSED_ARRIVAL = "embed.before_commit", 2
+PAUSED_SITE, PAUSED_ARRIVAL = "embed.after_piece", 2
 RAY_INIT: dict[str, Any] = {"logging_level": "ERROR", "log_to_driver": False}
 
 

@@ -25,12 +25,14 @@ pytestmark = pytest.mark.faults
 
 ROWS = 320
 SHARD_ROWS = 40
+PIECE_ROWS = 16  # so that each token shard is embedded in three pieces
+PIECES = -(-SHARD_ROWS // PIECE_ROWS) * (ROWS // SHARD_ROWS)
 SEEDS = (1, 2, 3)
 # site -> how many arrivals a run makes there (n is drawn from 1..that)
 SITES = {
     "tokenize.before_commit": 8,   # one per unit
     "tokenize.after_commit": 8,
-    "embed.after_piece": 24,       # three pieces per token shard (40 rows, piece_rows 16)
+    "embed.after_piece": PIECES,   # three pieces per token shard
     "embed.before_commit": 8,      # one per token shard
     "embed.after_commit": 8,
     "commit.before_rename": 24,    # shards, quarantine files, manifests, metadata: workers, actors and driver
@@ -59,7 +61,7 @@ def job(tmp_path_factory) -> dict:
         f"input: {{path: {corpus}, id_column: id, max_quarantined: 0.05}}\n"
         f"output: {{path: {root / 'unused'}, shard_rows: {SHARD_ROWS}}}\n"
         "tokenizer: {max_length: 64}\n"
-        f"encoder: {{model: {model}, pooling: mean, normalize: true, piece_rows: 16}}\n"
+        f"encoder: {{model: {model}, pooling: mean, normalize: true, piece_rows: {PIECE_ROWS}}}\n"
         "ray: {num_cpus: 2}\n"
     )
     reference = root / "reference"
@@ -160,7 +162,8 @@ def test_a_worker_node_removed_mid_job_on_a_multi_node_cluster(job, tmp_path):
         "input": {"path": str(job["root"] / "corpus.jsonl"), "id_column": "id", "max_quarantined": 0.05},
         "output": {"path": "unused", "shard_rows": SHARD_ROWS},
         "tokenizer": {"max_length": 64},
-        "encoder": {"model": str(job["root"] / "tiny-bert"), "pooling": "mean", "normalize": True},
+        "encoder": {"model": str(job["root"] / "tiny-bert"), "pooling": "mean", "normalize": True,
+                    "piece_rows": PIECE_ROWS},
     }
     ref, disturbed = tmp_path / "ref", tmp_path / "disturbed"
     done = subprocess.run([sys.executable, str(Path(__file__).parent / "multinode_job.py"), json.dumps(settings),
@@ -171,7 +174,7 @@ def test_a_worker_node_removed_mid_job_on_a_multi_node_cluster(job, tmp_path):
     print("node loss:", {k: report[k] for k in ("removed", "paused_arrivals", "trying_again", "replaced_actors")})
     assert len(report["removed"]) == 1, report
     assert report["paused_pid_gone"], f"the actor paused mid-shard outlived its node: {report}"
-    assert report["paused_arrivals"] > ROWS // SHARD_ROWS, f"the lost shard was not embedded again: {report}"
+    assert report["paused_arrivals"] > PIECES, f"the lost piece was not embedded again: {report}"
     assert report["trying_again"] + report["replaced_actors"] >= 1, f"the driver never resubmitted: {report}"
     assert report["cli_exit"] == 0, report["cli_stderr"]  # `embedpipe run --address` joined the cluster
     assert len(report["cli_nodes"]) >= 2 and output_files(Path(report["cli_out"])) == output_files(ref)
