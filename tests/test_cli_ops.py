@@ -77,6 +77,7 @@ def test_plan_writes_nothing_and_predicts_the_run(setup, tmp_path):
     assert [u["shard"] for u in preview["units"]] == sorted(manifest(out)["stages"]["tokens"]["shards"])
 
 
+@pytest.mark.slow  # whole CLI runs (~45 s / ~13 s): the default suite stays under 10 minutes
 def test_plan_and_status_predict_what_run_redoes_on_a_damaged_output(setup, tmp_path):
     out = tmp_path / "out"
     assert embedpipe("run", setup["config"], "-o", str(out), "--no-progress").returncode == 0

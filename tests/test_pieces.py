@@ -146,6 +146,7 @@ def test_encoder_sizing_leaves_a_cpu_slot_for_tokenizing_and_committing():
     assert size_encoders("auto", cpus=2, gpus=0)[2] == {"num_cpus": 0.5}
 
 
+@pytest.mark.slow  # whole CLI runs (~45 s / ~13 s): the default suite stays under 10 minutes
 def test_a_cluster_with_a_gpu_but_torch_without_one_is_a_clear_config_error(tmp_path, tiny_bert):
     """``device: auto`` on a Ray node that declares a GPU torch cannot see (this CPU machine): exit 2, named."""
     corpus = _corpus(tmp_path / "c.jsonl", rows=10)
