@@ -1,4 +1,5 @@
-"""A packed job killed mid-way resumes to shards byte-identical to an undisturbed run's (slow: three CLI runs).
+"""A packed job killed mid-way resumes to shards byte-identical to an undisturbed run's, and one worker makes
+the same bytes as two (slow: four CLI runs).
 
 The kill is the fault-site mechanism's (pipeline/faults.py): the driver is SIGKILLed right after it records
 its fifth shard (of seven), before the manifest is rewritten, so the rerun finds committed files the manifest may not
@@ -15,11 +16,11 @@ from cli_runs import REPO, cli_env, digests, embedpipe
 CORPUS = REPO / "pipeline" / "sample_data" / "corpus.jsonl"
 
 
-def _config(tmp_path, name: str) -> str:
+def _config(tmp_path, name: str, cpus: int = 2) -> str:
     config = {"input": {"path": str(CORPUS), "id_column": "id"}, "output": {"path": str(tmp_path / name),
                                                                             "shard_rows": 500},
               "tokenizer": {"name": str(REPO / "conf/tokenizers/decoder-bpe"), "max_length": 256, "pack": True},
-              "ray": {"num_cpus": 2}}
+              "ray": {"num_cpus": cpus}}
     path = tmp_path / f"{name}.yaml"
     path.write_text(json.dumps(config))
     return str(path)
@@ -44,3 +45,7 @@ def test_killed_packed_job_resumes_to_identical_shards(tmp_path):
     assert digests(tmp_path / "killed" / "tokens", "*") == want
     verified = embedpipe("verify", str(tmp_path / "killed"))
     assert verified.returncode == 0, verified.stdout
+    # One worker instead of two: the same blocks, byte for byte.
+    alone = embedpipe("tokenize", _config(tmp_path, "one-worker", cpus=1), "--no-progress")
+    assert alone.returncode == 0, alone.stderr
+    assert digests(tmp_path / "one-worker" / "tokens", "*") == want
