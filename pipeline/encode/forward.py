@@ -342,9 +342,10 @@ def encode_rows(
                 embeddings = _encode_with_backoff(model, part, forward, rows, steps, backoff)
                 if counts is not None:
                     counts["forwards"] = counts.get("forwards", 0) + 1
-                    computed = (part["mask"].sum() if forward.packed is not None and not rows.full_width
+                    # From host-side numbers: summing the device mask would wait on the GPU every batch.
+                    computed = (int(lengths[part_rows].sum()) if forward.packed is not None and not rows.full_width
                                 else part["input_ids"].numel())  # packed: the real tokens only
-                    counts["computed_tokens"] = counts.get("computed_tokens", 0) + int(computed)
+                    counts["computed_tokens"] = counts.get("computed_tokens", 0) + computed
                 stored = embeddings.to(TORCH_DTYPES[options.output_dtype])
                 parts.append((part_rows, _stored_width(stored, out, rows.left)))
         _copy_back(parts, out, steps, options.output_dtype)
