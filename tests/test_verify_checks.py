@@ -215,7 +215,7 @@ def sha256_mismatch(out):
 
 def not_arrow(out):
     # Garbage the manifest agrees with: only opening it as an IPC stream can tell.
-    from pipeline.output.shards import commit_bytes
+    from pipeline.output.commit import commit_bytes
 
     committed = commit_bytes(b"\x00" * 64 + b"not an arrow stream", out / "embeddings" / S1)
     _edit_manifest(out, lambda m: m["stages"]["embeddings"]["shards"][S1].update(

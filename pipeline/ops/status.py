@@ -9,12 +9,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.output.contract import STAGES, TOKENS
+from pipeline.output.contract import STAGES, TOKENS, plan_names
 from pipeline.output.lock import lock_holder
 from pipeline.output.manifest import load_manifest
 from pipeline.output.outdir import looks_committed
 from pipeline.output.storage import output_path
-from pipeline.run.increments import plan_names
 from pipeline.run.job_record import committed_records
 
 

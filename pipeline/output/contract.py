@@ -8,6 +8,7 @@ reader never has to re-declare a name to avoid importing the encoder.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 TOKENS = "tokens"
 EMBEDDINGS = "embeddings"
@@ -36,3 +37,8 @@ REPORT_FILE = re.compile(r"\d{8}T\d{6}\.\d{6}Z\.json")
 def shard_name(index: int, total: int) -> str:
     """``data-0000i-of-0000N.arrow``, the datasets naming scheme."""
     return f"data-{index:05d}-of-{total:05d}.arrow"
+
+
+def plan_names(plan: dict[str, Any]) -> list[str]:
+    """Shard names of a manifest's plan (plans written before increments existed have no "names")."""
+    return plan.get("names") or [shard_name(u["index"], plan["shards"]) for u in plan["units"]]

@@ -13,18 +13,20 @@ import hashlib
 import json
 import platform
 from importlib import metadata
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from pipeline import __version__
-from pipeline.config import JobConfig
 from pipeline.errors import ConfigError
-from pipeline.inputs.files import InputFile
-from pipeline.inputs.plan import WorkUnit
+from pipeline.output.commit import commit_bytes
 from pipeline.output.contract import MANIFEST_NAME
-from pipeline.output.shards import commit_bytes
 from pipeline.output.storage import Location
+
+if TYPE_CHECKING:
+    from pipeline.config import JobConfig
+    from pipeline.inputs.files import InputFile
+    from pipeline.inputs.plan import WorkUnit
 
 FORMAT_VERSION = 1
 _VERSIONED = ("pyarrow", "tokenizers", "transformers", "ray", "datasets", "torch")

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.errors import ConfigError
+from pipeline.output.commit import file_sha256
 from pipeline.output.contract import EMBEDDINGS, QUARANTINE_DIR, STAGES
 from pipeline.output.manifest import COMPUTED_WITH_KEY, differences, embedding_differences, load_manifest
 from pipeline.output.ownership import files_in_the_way, foreign_entries, remove_owned
-from pipeline.output.shards import file_sha256
 from pipeline.output.storage import Location, is_remote
 
 

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
-from upath import UPath
+if TYPE_CHECKING:
+    from upath import UPath
 
 _LOCAL_PROTOCOLS = ("", "file", "local")
 
-Location = Union[Path, UPath]
+Location = Union[Path, "UPath"]
 """An output location as :func:`output_path` resolves it, once, where a command or a worker task starts:
 the one object the layers below take (they do not coerce strings again)."""
 
@@ -34,6 +35,8 @@ def output_path(location: str | Path) -> Location:
     if text.startswith("file://"):
         return Path(text[len("file://"):])
     if "://" in text:
+        from upath import UPath  # fsspec: a tenth of a second to import, for remote outputs only
+
         return UPath(text)
     return Path(text)
 

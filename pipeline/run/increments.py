@@ -16,7 +16,7 @@ from typing import Any
 
 from pipeline.inputs.files import InputFile
 from pipeline.inputs.plan import WorkUnit, plan_units
-from pipeline.output.contract import shard_name
+from pipeline.output.contract import plan_names, shard_name
 from pipeline.output.manifest import now
 
 
@@ -27,11 +27,6 @@ class JobPlan:
     units: list[WorkUnit]
     names: list[str]
     increment: dict[str, Any] | None = None
-
-
-def plan_names(plan: dict[str, Any]) -> list[str]:
-    """Shard names of a manifest's plan (plans written before increments existed have no "names")."""
-    return plan.get("names") or [shard_name(u["index"], plan["shards"]) for u in plan["units"]]
 
 
 def _unchanged_history(old: dict[str, Any] | None, files: list[InputFile]) -> bool:

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ConfigError, JobFailed
+from pipeline.output.commit import clean_staging
 from pipeline.output.contract import EMBEDDINGS, QUARANTINE_DIR, STAGES, TOKENS
 from pipeline.output.manifest import add_counts, now, save_manifest
 from pipeline.output.outdir import committed_ok, looks_committed
-from pipeline.output.shards import clean_staging
 
 # Seconds between manifest rewrites while shards stream in (always written at the end).
 MANIFEST_INTERVAL = 1.0

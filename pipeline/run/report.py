@@ -13,9 +13,9 @@ import resource
 from pathlib import Path
 from typing import Any
 
+from pipeline.output.commit import commit_bytes
 from pipeline.output.contract import REPORTS_DIR
 from pipeline.output.manifest import load_manifest
-from pipeline.output.shards import commit_bytes
 from pipeline.output.storage import Location
 
 

@@ -22,7 +22,8 @@ from pipeline.inputs.files import LINE_FORMATS, BadRow, RowBatch, TextRules
 from pipeline.inputs.identity import input_hasher
 from pipeline.inputs.lines import read_line_rows
 from pipeline.inputs.plan import WorkUnit
-from pipeline.output.shards import write_jsonl, write_shard
+from pipeline.output.commit import write_jsonl
+from pipeline.output.shards import write_shard
 from pipeline.output.storage import output_path
 from pipeline.tokenize.core import TokenizeSpec, TokenRows, length_histogram, to_table, tokenize_texts
 from pipeline.tokenize.pack import PackedBlocks, pack_documents, packed_table
