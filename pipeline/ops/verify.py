@@ -30,13 +30,21 @@ import pyarrow.compute as pc
 
 from pipeline.errors import InputError
 from pipeline.ops.verify_pack import check_packed_shard, check_packed_totals, is_packed
-from pipeline.output.contract import DATASET_INFO_NAME, DATASET_STATE_NAME, QUARANTINE_DIR, STAGES, STAGING_DIR
+from pipeline.output.commit import file_sha256
+from pipeline.output.contract import (
+    DATASET_INFO_NAME,
+    DATASET_STATE_NAME,
+    QUARANTINE_DIR,
+    STAGES,
+    STAGING_DIR,
+    plan_names,
+)
 from pipeline.output.embedding_format import arrow_to_numpy, count_nonfinite, field_dims
+from pipeline.output.features import dataset_features
 from pipeline.output.manifest import load_manifest
-from pipeline.output.shards import file_sha256, read_shard_and_sha256
+from pipeline.output.shards import read_shard_and_sha256
 from pipeline.output.storage import output_path
 from pipeline.output.unique_ids import find_duplicates, row_keys
-from pipeline.run.increments import plan_names
 
 
 @dataclass
@@ -142,6 +150,12 @@ def _check_schemas(result: VerifyResult, stage: str, directory: Path, schemas: d
     info_path = directory / DATASET_INFO_NAME
     if not info_path.is_file():
         return
+    try:
+        written = json.loads(info_path.read_text(encoding="utf-8"))["features"]
+        if written == dataset_features(first):  # as embedpipe writes it: no need to import datasets (seconds)
+            return
+    except (ValueError, KeyError, TypeError):
+        pass  # datasets says what is wrong with it, below
     from datasets import Features
 
     try:
