@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Tokenizer settings cached by the tests' jobs (pipeline/tokenize/settings.py) stay out of the user's cache.
+os.environ.setdefault("EMBEDPIPE_CACHE_DIR", tempfile.mkdtemp(prefix="embedpipe-test-cache-"))
 sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402

@@ -58,13 +58,13 @@ def _from_data(reader: OutputReader) -> tuple[str, int] | None:
 
 def _from_tokenizer(manifest: dict[str, Any], root: str) -> tuple[str, int | None]:
     # The job's own loader (aliases, local directories, tokenizer.json files), so names mean the same here.
-    from pipeline.tokenize.loading import _load_hf_tokenizer
+    from pipeline.tokenize.loading import tokenizer_settings
 
     config = manifest.get("config", {})
     options = config.get("tokenizer", {})
     name = options.get("name") or config.get("encoder", {}).get("model")
     try:
-        hf = _load_hf_tokenizer(name, "tokenizer.name")
+        hf = tokenizer_settings(name, "tokenizer.name")
     except ConfigError as exc:
         raise DataError(f"{root}/tokens: cannot tell its padding side or pad id: the job's tokenizer {name!r} "
                         f"does not load here ({exc}); pass padding_side= and pad_id= to collator()") from None

@@ -48,11 +48,11 @@ def _separator_id(manifest: dict[str, Any], separator: str | None) -> int | None
     """The id appended to each document of an unpacked stage: ``eos`` (the job tokenizer's), a token, or none."""
     if separator in (None, "none"):
         return None
-    from pipeline.tokenize.loading import _load_hf_tokenizer
+    from pipeline.tokenize.loading import tokenizer_settings
 
     config = manifest.get("config", {})
     name = config.get("tokenizer", {}).get("name") or config.get("encoder", {}).get("model")
-    hf = _load_hf_tokenizer(name, "tokenizer.name")
+    hf = tokenizer_settings(name, "tokenizer.name")
     token = hf.eos_token if separator == "eos" else separator
     if token is None:
         raise ConfigError(f"--separator: the job's tokenizer {name!r} has no EOS token; name a token of its "

@@ -1,8 +1,9 @@
 """Model and tokenizer names: aliases, local directories, and the checks made before work.
 
-The tokenizer is loaded once on the driver with ``transformers`` (so every
-option means exactly what it means there); workers receive its serialized
-backend inside a :class:`TokenizeSpec` and need only ``tokenizers``.
+The tokenizer is resolved once on the driver as ``transformers`` loads it (so every
+option means exactly what it means there; the facts a job uses are cached on disk by
+:mod:`pipeline.tokenize.settings`, so later jobs do not import transformers); workers
+receive its serialized backend inside a :class:`TokenizeSpec` and need only ``tokenizers``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 from pipeline.config import JobConfig
 from pipeline.errors import ConfigError
 from pipeline.tokenize.core import TokenizeSpec
+from pipeline.tokenize.settings import TokenizerSettings, cached_settings
 
 # transformers' placeholder model_max_length for "no limit known" (int(1e30)).
 _PLACEHOLDER_MAX_LENGTH = int(1e29)
@@ -56,6 +58,20 @@ def _load_hf_tokenizer(name: str, key: str) -> Any:
     if not hasattr(tokenizer, "backend_tokenizer"):
         raise ConfigError(f"{key}: {path} has no fast (tokenizers) tokenizer; embedpipe needs tokenizer.json")
     return tokenizer
+
+
+@functools.lru_cache(maxsize=8)
+def tokenizer_settings(name: str, key: str) -> TokenizerSettings:
+    """The settings of the tokenizer ``name`` (alias, directory or tokenizer.json) as transformers loads it:
+    from the on-disk cache when its files were seen before (no transformers import), else loaded.
+
+    Raises:
+        ConfigError: as :func:`_load_hf_tokenizer` (``key`` names the config key in the message).
+    """
+    path = Path(resolve_alias(name))
+    if not (path.is_dir() or (path.suffix == ".json" and path.is_file())):
+        _load_hf_tokenizer(name, key)  # raises the error that says what is wrong with the name
+    return cached_settings(path, lambda: _load_hf_tokenizer(name, key))
 
 
 def _single_type_ids_zero(tokenizer_json: str) -> bool:
@@ -99,7 +115,7 @@ def _special_tokens_around(tokenizer_json: str, add_special_tokens: bool, num_sp
     return found.pop() if len(found) == 1 else None
 
 
-def _model_max_length(hf: Any, name: str) -> int:
+def _model_max_length(hf: TokenizerSettings, name: str) -> int:
     model_max = hf.model_max_length
     if model_max is None or model_max >= _PLACEHOLDER_MAX_LENGTH:
         raise ConfigError(
@@ -109,14 +125,14 @@ def _model_max_length(hf: Any, name: str) -> int:
     return int(model_max)
 
 
-def _token_id(hf: Any, token: str, key: str, name: str) -> int:
+def _token_id(hf: TokenizerSettings, token: str, key: str, name: str) -> int:
     token_id = hf.backend_tokenizer.token_to_id(token)
     if token_id is None:
         raise ConfigError(f"{key}: {token!r} is not in the vocabulary of {name!r}")
     return token_id
 
 
-def _pack_spec(config: JobConfig, hf: Any, name: str, tokenizer_json: str) -> TokenizeSpec:
+def _pack_spec(config: JobConfig, hf: TokenizerSettings, name: str, tokenizer_json: str) -> TokenizeSpec:
     """The spec of a packed job: whole documents (no truncation, no padding), cut into max_length blocks."""
     opts = config.tokenizer
     block = opts.max_length or _model_max_length(hf, name)
@@ -164,9 +180,8 @@ def load_tokenize_spec(config: JobConfig) -> TokenizeSpec:
     opts = config.tokenizer
     name = opts.name or config.encoder.model
     key = "tokenizer.name" if opts.name else "encoder.model (the default tokenizer)"
-    hf = _load_hf_tokenizer(name, key)
-    # Serialize before anything can change the backend's padding/truncation state.
-    tokenizer_json = hf.backend_tokenizer.to_str()
+    hf = tokenizer_settings(name, key)
+    tokenizer_json = hf.tokenizer_json
 
     if opts.pack:
         return _pack_spec(config, hf, name, tokenizer_json)
