@@ -128,10 +128,14 @@ class EncoderConfig(_Section):
 
 
 class RayConfig(_Section):
-    """Which Ray cluster runs the job."""
+    """What runs the job: a Ray cluster, or worker processes on this machine (pipeline/run/engine.py)."""
 
     address: str | None = None
+    # CPU slots: of the local Ray cluster started for the job, or of the local executor. Unset: every core.
     num_cpus: int | None = Field(default=None, gt=0)
+    # auto: Ray when an address is given (here or RAY_ADDRESS) or a GPU is visible, else local worker
+    # processes (no cluster to start: seconds less per command). The output's bytes do not depend on it.
+    executor: Literal["auto", "local", "ray"] = "auto"
 
 
 class JobConfig(_Section):

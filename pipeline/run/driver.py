@@ -1,4 +1,4 @@
-"""Ray orchestration of both stages: the only module that imports ray.
+"""Orchestration of both stages on the job's engine (:mod:`pipeline.run.engine`: Ray, or local processes).
 
 The driver plans, submits one tokenize task per work unit (a bounded number in
 flight), and hands each token shard to an encoder actor as soon as it is
@@ -9,11 +9,8 @@ in the manifest, and finishes each stage by writing the ``datasets`` metadata.
 from __future__ import annotations
 
 import logging
-import os
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from typing import Any
 
 from pipeline.config import JobConfig
@@ -33,74 +30,22 @@ from pipeline.output.shards import write_dataset_metadata
 from pipeline.output.storage import output_path
 from pipeline.output.unique_ids import duplicates_in_stage
 from pipeline.run.encoder_pool import EncoderPlan, EncoderPool, plan_encoders
+from pipeline.run.engine import Engine, TaskFailed, WorkerLost, engine_session
 from pipeline.run.increments import plan_job
 from pipeline.run.job_record import JobRecord, ProgressCallback, StageResult
 from pipeline.run.report import peak_rss_mb
 from pipeline.run.stopping import DEFAULT_GRACE, StopRequest, install, stop_on_signals
+from pipeline.run.tasks import tokenize_task
 from pipeline.tokenize.core import TokenizeSpec, token_schema
 from pipeline.tokenize.loading import check_pack_stages, load_tokenize_spec
-from pipeline.tokenize.stage import ReadSpec, run_unit
+from pipeline.tokenize.stage import ReadSpec
 
 log = logging.getLogger("embedpipe")
 
-# Set in every task (not as a Ray runtime_env, which costs ~1 s of worker start-up):
-# tokenizers' own thread pool must not fight Ray's CPU slots.
-WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "RAYON_NUM_THREADS": "1"}
 # Resubmissions by the driver of a unit or shard whose process or node was lost, on top of Ray's own
 # retries (which do not cover every case, e.g. an actor on a removed node: ActorUnavailableError).
 _DRIVER_RETRIES = 3
 _RETRY = object()
-
-
-@contextmanager
-def ray_session(config: JobConfig) -> Iterator[None]:
-    """Join the connected Ray cluster, else start or join the configured one (shut down on exit)."""
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    address = config.ray.address or os.environ.get("RAY_ADDRESS")
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
-    if address:
-        ray.init(address=address, **kwargs)
-    else:  # "local": a new cluster, even when one started by `ray start` runs on this machine
-        ray.init(address="local", num_cpus=config.ray.num_cpus, **kwargs)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
-def _load_spec_and_warm_up(config: JobConfig) -> TokenizeSpec:
-    """Load the tokenizer (imports transformers and torch: seconds) and import datasets for the finish.
-
-    Run in a thread while Ray starts: the two take about as long and overlap well.
-    """
-    spec = load_tokenize_spec(config)
-    import datasets  # noqa: F401  (used by write_dataset_metadata at the end of a stage)
-
-    return spec
-
-
-def _tokenize_task(unit: WorkUnit, name: str, read: ReadSpec, spec: TokenizeSpec, out_dir: str) -> dict[str, Any]:
-    import ray
-
-    os.environ.update(WORKER_ENV)
-    report = run_unit(unit, name, read, spec, out_dir)
-    report["node"] = ray.get_runtime_context().get_node_id()  # where it ran, for the run report
-    report["peak_rss_mb"] = peak_rss_mb()
-    return report
-
-
-def _cluster_info() -> dict[str, Any]:
-    import ray
-
-    resources = ray.cluster_resources()
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    return {"address": ray.get_runtime_context().gcs_address, "nodes": len(nodes),
-            "cpus": resources.get("CPU", 0), "gpus": resources.get("GPU", 0)}
 
 
 def run_job(config: JobConfig, *, stages: tuple[str, ...] = STAGES, force: bool = False,
@@ -123,7 +68,7 @@ def _run_job(config: JobConfig, stages: tuple[str, ...], force: bool, progress: 
     started = time.monotonic()
     out_dir = output_path(config.output.path)
     with ThreadPoolExecutor(max_workers=1) as pool:
-        spec_future = pool.submit(_load_spec_and_warm_up, config)
+        spec_future = pool.submit(load_tokenize_spec, config)  # seconds for some tokenizers: overlap it
         files = discover(config.input.path, config.input.format, exclude=config.output.path)
         check_columns(files, config.input.text_column, config.input.id_column)
         check_output_directory(out_dir, force)
@@ -143,11 +88,11 @@ def _run_job(config: JobConfig, stages: tuple[str, ...], force: bool, progress: 
                 log.info("incremental: %d new input files -> %d new units after the %d already planned",
                          len(plan.increment["files"]), plan.increment["units"], plan.increment["first_unit"],
                          extra={"fields": {"event": "increment", **plan.increment}})
-            with ray_session(config):
+            with engine_session(config, len(plan.units) if TOKENS in stages else 1) as engine:
                 install(stop)  # again: ray.init may set handlers of its own
                 spec = spec_future.result()
                 # Every check that can refuse the job runs before the output is touched (--force deletes).
-                encoders = plan_encoders(config, spec) if EMBEDDINGS in stages else None
+                encoders = plan_encoders(config, spec, engine.resources()) if EMBEDDINGS in stages else None
                 fresh = new_manifest(config, files, plan.units, spec.tokenizer_sha256, plan.names)
                 if encoders:
                     fresh[COMPUTED_WITH_KEY] = encoders.spec.computed_with()
@@ -156,7 +101,8 @@ def _run_job(config: JobConfig, stages: tuple[str, ...], force: bool, progress: 
                 stop.check()  # nothing touched yet
                 manifest = prepare_output(out_dir, old, fresh, force, plan.increment, stages)
                 record = JobRecord(manifest, out_dir, len(plan.units), started)
-                return _Job(config, spec, plan.units, plan.names, record, encoders, progress, stop).run(stages)
+                return _Job(config, spec, plan.units, plan.names, record, encoders, progress, stop,
+                            engine).run(stages)
 
 
 def run_tokenize(config: JobConfig, *, force: bool = False, progress: ProgressCallback | None = None) -> StageResult:
@@ -169,8 +115,8 @@ class _Job:
 
     def __init__(self, config: JobConfig, spec: TokenizeSpec, units: list[WorkUnit], names: list[str],
                  record: JobRecord, encoders: EncoderPlan | None, progress: ProgressCallback | None,
-                 stop: StopRequest) -> None:
-        self.config, self.spec, self.units = config, spec, units
+                 stop: StopRequest, engine: Engine) -> None:
+        self.config, self.spec, self.units, self.engine = config, spec, units, engine
         self.names = dict(zip((u.index for u in units), names))
         self.record, self.encoders, self.progress, self.stop = record, encoders, progress, stop
         self.out_dir = record.out_dir
@@ -198,7 +144,7 @@ class _Job:
                                          for s in stages), extra={"fields": {"event": "resume", "skipped": skipped}})
         if record.finished(stages) and not unit_todo and not resume.embed_todo:
             return {s: record.result(s, skipped[s], nothing_to_do=True) for s in stages}
-        record.start_run(stages, _cluster_info())
+        record.start_run(stages, self.engine.describe())
         try:
             self._execute(unit_todo, resume.embed_todo, stages, skipped)
         except Interrupted:
@@ -210,24 +156,24 @@ class _Job:
 
     def _execute(self, unit_todo: list[WorkUnit], embed_todo: list[str], stages: tuple[str, ...],
                  skipped: dict[str, int]) -> None:
-        import ray
-
-        task = ray.remote(num_cpus=1, max_retries=3, retry_exceptions=False)(_tokenize_task)
+        engine = self.engine
         source = self.config.input
         read = ReadSpec(source.text_column, source.id_column, TextRules(source.nul_bytes, source.max_text_bytes))
-        spec_ref = ray.put(self.spec)
+        spec_ref = engine.put(self.spec)
         # Enough in flight to keep every CPU busy while results are recorded, few enough to bound memory.
-        max_in_flight = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+        max_in_flight = 2 * max(1, int(engine.resources().get("CPU", 1)))
         token_refs: dict[Any, WorkUnit] = {}
         queue, waiting_shards = list(unit_todo), list(embed_todo)
 
         def submit_tokenize() -> None:
             while queue and len(token_refs) < max_in_flight:
                 unit = queue.pop(0)
-                token_refs[task.remote(unit, self.names[unit.index], read, spec_ref, str(self.out_dir))] = unit
+                ref = engine.submit(tokenize_task, unit, self.names[unit.index], read, spec_ref, str(self.out_dir),
+                                    num_cpus=1)
+                token_refs[ref] = unit
 
         submit_tokenize()  # tokenizing starts while the encoders load their models
-        pool = EncoderPool(self.encoders) if EMBEDDINGS in stages else None
+        pool = EncoderPool(self.encoders, engine) if EMBEDDINGS in stages else None
         if pool:
             pool.start()
         while queue or token_refs or waiting_shards or (pool and (pool.busy() or pool.shards)):
@@ -244,7 +190,7 @@ class _Job:
             # Model loads first: a load that failed on bad settings must surface as such, not as a shard error.
             # A timeout, so that a signal is seen within half a second however long the shards take.
             pending = [*pool.loading, *token_refs, *pool.in_flight, *pool.assembling] if pool else [*token_refs]
-            ready, _ = ray.wait(pending, num_returns=1, timeout=0.5)
+            ready = engine.wait(pending, timeout=0.5)
             for ref in ready:
                 if pool and ref in pool.loading:
                     pool.loaded(ref)
@@ -288,23 +234,19 @@ class _Job:
         """The task's report; ``_RETRY`` after a system failure (a process or node lost) with attempts left;
         None after a failure that is recorded for the end of the job (bad data, or attempts used up), or
         any failure while the job is stopping (a worker that died with the signal is abandoned)."""
-        import ray
-
         try:
-            return ray.get(ref)
-        except ray.exceptions.RayError as exc:
+            return self.engine.get(ref)
+        except TaskFailed as exc:  # the task itself raised: not retried blindly
+            if not self.stop.requested:
+                self.failures.append(f"{what}: {type(exc.cause).__name__}: {exc.cause}")
+        except WorkerLost as exc:  # the process or node running it was lost
             if self.stop.requested:
                 return None
-            if isinstance(exc, ray.exceptions.RayTaskError):  # the task itself raised: not retried blindly
-                cause = exc.cause or exc
-                self.failures.append(f"{what}: {type(cause).__name__}: {cause}")
-                return None
-            self.attempts[key] = self.attempts.get(key, 0) + 1  # the process or node running it was lost
+            self.attempts[key] = self.attempts.get(key, 0) + 1
             if self.attempts[key] <= _DRIVER_RETRIES:
-                log.warning("%s: %s; trying again (%d of %d)", what, type(exc).__name__,
-                            self.attempts[key], _DRIVER_RETRIES)
+                log.warning("%s: %s; trying again (%d of %d)", what, exc.kind, self.attempts[key], _DRIVER_RETRIES)
                 return _RETRY
-            self.failures.append(f"{what}: {type(exc).__name__} after {_DRIVER_RETRIES} retries: {exc}")
+            self.failures.append(f"{what}: {exc.kind} after {_DRIVER_RETRIES} retries: {exc}")
         return None
 
     # ------------------------------------------------------------ the end

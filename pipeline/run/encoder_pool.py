@@ -1,7 +1,8 @@
 """The encoder actors of a job: sized for the cluster, started without blocking, fed pieces of shards, replaced.
 
-Part of the Ray layer (with :mod:`pipeline.run.driver`): each actor is a
-:class:`~pipeline.encode.stage.ShardEncoder` in its own process, loading its model once.
+Part of the run layer (with :mod:`pipeline.run.driver`): each actor is a
+:class:`~pipeline.encode.stage.ShardEncoder` in its own process, loading its model once, started on
+the job's engine (:mod:`pipeline.run.engine`: Ray actors, or local worker processes).
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config import JobConfig
-from pipeline.encode.pieces import Piece, assemble_shard, longest_first, piece_count
+from pipeline.encode.pieces import Piece, longest_first, piece_count
 from pipeline.encode.stage import EmbedSpec, ShardEncoder, embedding_schema, plan_embed
 from pipeline.errors import ConfigError
+from pipeline.run.engine import Engine, TaskFailed, WorkerLost
 from pipeline.run.report import peak_rss_mb
+from pipeline.run.tasks import assemble_task
 from pipeline.tokenize.core import TokenizeSpec
 
 log = logging.getLogger("embedpipe")
@@ -39,18 +42,12 @@ class EncoderPlan:
     with_chunk: bool  # embedding shards carry the token shards' chunk column (tokenizer.stride)
 
 
-def plan_encoders(config: JobConfig, spec: TokenizeSpec) -> EncoderPlan:
-    """Size the encoder actors for the cluster at hand and check the encoder settings (ConfigError)."""
-    device, count, resources, threads = encoder_resources(config)
-    return EncoderPlan(count, resources, plan_embed(config, spec, device, threads), spec.stride is not None)
-
-
-def encoder_resources(config: JobConfig) -> tuple[str, int, dict[str, float], int | None]:
-    """(device, actor count, per-actor resources, torch threads) for the cluster at hand."""
-    import ray
-
-    resources = ray.cluster_resources()
-    return size_encoders(config.encoder.device, cpus=int(resources.get("CPU", 1)), gpus=int(resources.get("GPU", 0)))
+def plan_encoders(config: JobConfig, spec: TokenizeSpec, resources: dict[str, float]) -> EncoderPlan:
+    """Size the encoder actors for the cluster's ``resources`` (CPU, GPU) and check the encoder settings
+    (ConfigError)."""
+    device, count, booked, threads = size_encoders(config.encoder.device, cpus=int(resources.get("CPU", 1)),
+                                                   gpus=int(resources.get("GPU", 0)))
+    return EncoderPlan(count, booked, plan_embed(config, spec, device, threads), spec.stride is not None)
 
 
 def size_encoders(device: str, cpus: int, gpus: int) -> tuple[str, int, dict[str, float], int | None]:
@@ -79,21 +76,13 @@ def size_encoders(device: str, cpus: int, gpus: int) -> tuple[str, int, dict[str
 
 
 class EncoderActor(ShardEncoder):
-    """The Ray encoder actor: a :class:`ShardEncoder` whose piece statuses also carry the actor's peak memory."""
+    """The encoder actor: a :class:`ShardEncoder` whose piece statuses also carry the actor's peak memory."""
 
     def embed_piece(self, out_dir: str, name: str, piece: int) -> tuple[dict[str, Any], Piece]:
         status, result = super().embed_piece(out_dir, name, piece)
         status["peak_rss_mb"] = peak_rss_mb()
         status["pid"] = os.getpid()
         return status, result
-
-
-def _assemble_task(out_dir: str, name: str, schema: Any, output_dtype: str, stats: dict[str, Any],
-                   *pieces: Piece) -> dict[str, Any]:
-    """Commit one embedding shard from its pieces (Ray resolves the piece references into the arguments)."""
-    report = assemble_shard(out_dir, name, schema, output_dtype, pieces)
-    report["peak_rss_mb"] = max(peak_rss_mb(), stats.pop("peak_rss_mb"))
-    return report | stats
 
 
 @dataclass
@@ -120,6 +109,7 @@ class EncoderPool:
     """
 
     plan: EncoderPlan
+    engine: Engine
     actors: list[Any] = field(default_factory=list)
     loading: list[Any] = field(default_factory=list)
     load: dict[int, int] = field(default_factory=dict)
@@ -131,7 +121,7 @@ class EncoderPool:
         """Start the actors. The driver does not block on their model loads: shards tokenized meanwhile are
         recorded as they finish, and embedding calls queue on the actors until their models are in memory."""
         self.actors = [self._new() for _ in range(self.plan.count)]
-        self.loading = [actor.ready.remote() for actor in self.actors]
+        self.loading = [self.engine.call(actor, "ready") for actor in self.actors]
         self.load = {i: 0 for i in range(len(self.actors))}
 
     def busy(self) -> bool:
@@ -151,23 +141,22 @@ class EncoderPool:
                 shard = self.shards[name] = _Shard(name, pieces, longest_first(pieces))
             index = min(self.load, key=self.load.get)
             piece = shard.todo.pop(0)
-            status, result = self.actors[index].embed_piece.options(num_returns=2).remote(out_dir, shard.name, piece)
+            status, result = self.engine.call(self.actors[index], "embed_piece", out_dir, shard.name, piece,
+                                              num_returns=2)
             self.in_flight[status] = (index, self.actors[index], shard.name, piece)
             shard.done[piece] = result  # a reference: the driver never fetches it
             self.load[index] += 1
 
     def loaded(self, ref: Any) -> None:
         """Take one model load's outcome; errors in the model's settings surface here, as ConfigError."""
-        import ray
-
         self.loading.remove(ref)
         try:
-            ray.get(ref)
-        except ray.exceptions.RayTaskError as exc:
+            self.engine.get(ref)
+        except TaskFailed as exc:
             if isinstance(exc.cause, ConfigError):
                 raise exc.cause from None
             raise
-        except ray.exceptions.RayActorError:
+        except WorkerLost:
             pass  # the actor died while loading: its pieces are retried on a replacement (see the driver)
 
     def finished(self, ref: Any) -> tuple[str, int, tuple[int, Any]]:
@@ -178,8 +167,6 @@ class EncoderPool:
 
     def piece_done(self, name: str, status: dict[str, Any], out_dir: str) -> None:
         """Note a piece's success; once the shard's last piece is done, start the task that commits it."""
-        import ray
-
         shard = self.shards.get(name)
         if shard is None:  # the shard failed or was abandoned meanwhile
             return
@@ -191,11 +178,11 @@ class EncoderPool:
             return
         del self.shards[name]
         spec = self.plan.spec
-        task = ray.remote(num_cpus=ASSEMBLE_CPUS, max_retries=3, retry_exceptions=False)(_assemble_task)
         stats = {"pieces": shard.pieces, "encoders": len(shard.encoders), "computed_tokens": shard.computed_tokens,
                  "peak_rss_mb": shard.peak_rss_mb}
-        ref = task.remote(out_dir, name, embedding_schema(spec, self.plan.with_chunk), spec.options.output_dtype,
-                          stats, *(shard.done[p] for p in range(shard.pieces)))
+        ref = self.engine.submit(assemble_task, out_dir, name, embedding_schema(spec, self.plan.with_chunk),
+                                 spec.options.output_dtype, stats, *(shard.done[p] for p in range(shard.pieces)),
+                                 num_cpus=ASSEMBLE_CPUS)
         self.assembling[ref] = name
 
     def retry_piece(self, name: str, piece: int) -> None:
@@ -219,21 +206,14 @@ class EncoderPool:
 
     def replace(self, which: tuple[int, Any]) -> None:
         """A new actor in place of one whose calls failed for a system reason (Ray gave up on it: its
-        restarts used up, or its node gone), unless it was already replaced; scheduled on a live node."""
-        import ray
-
+        restarts used up, or its node gone; a local worker process that died), unless it was already
+        replaced; Ray schedules the new one on a live node."""
         index, handle = which
         if self.actors[index] is not handle:
             return
-        log.warning("replacing an encoder actor that Ray could not recover")
-        try:
-            ray.kill(handle, no_restart=True)
-        except ray.exceptions.RayError:
-            pass
+        log.warning("replacing an encoder actor that was lost (%s executor)", self.engine.name)
+        self.engine.kill(handle)
         self.actors[index] = self._new()
 
     def _new(self) -> Any:
-        import ray
-
-        actor = ray.remote(max_restarts=2, max_task_retries=2, **self.plan.resources)(EncoderActor)
-        return actor.remote(self.plan.spec)
+        return self.engine.start_actor(EncoderActor, self.plan.spec, resources=self.plan.resources)
