@@ -1,5 +1,6 @@
 """Kill -9 a tokenize worker, an encoder actor (mid-shard: after one of its pieces), a shard's commit task or
-the driver mid-job; the rerun's output is byte-identical.
+the driver mid-job; the rerun's output is byte-identical. Every case runs on both executors (``ray.executor``
+local and ray), whose undisturbed outputs are also byte-identical; node loss is Ray's alone.
 
 Each case runs the real CLI in a subprocess (its own local Ray cluster) with
 ``EMBEDPIPE_FAULT`` choosing where the n-th arrival dies (n drawn from the seed),
@@ -39,12 +40,16 @@ SITES = {
     "driver.after_record": 16,     # one per shard of either stage
 }
 WORDS = "the a cat dog sat on mat fast slow red blue model vector token shard batch text data".split()
+EXECUTORS = ("local", "ray")
+_REFERENCES: dict[str, dict[str, str]] = {}  # executor -> the undisturbed run's files
 
 
 @pytest.fixture(scope="module")
-def job(tmp_path_factory) -> dict:
-    """A small corpus with a few bad rows, a tiny BERT, and an undisturbed run's files to compare with."""
-    root = tmp_path_factory.mktemp("faults")
+def job(tmp_path_factory, request) -> dict:
+    """A small corpus with a few bad rows, a tiny BERT, and an undisturbed run's files to compare with,
+    on the executor the test is parametrized with."""
+    executor = request.param
+    root = tmp_path_factory.mktemp(f"faults-{executor}")
     rng = random.Random(0)
     lines = []
     for i in range(ROWS):
@@ -62,13 +67,15 @@ def job(tmp_path_factory) -> dict:
         f"output: {{path: {root / 'unused'}, shard_rows: {SHARD_ROWS}}}\n"
         "tokenizer: {max_length: 64}\n"
         f"encoder: {{model: {model}, pooling: mean, normalize: true, piece_rows: {PIECE_ROWS}}}\n"
-        "ray: {num_cpus: 2}\n"
+        f"ray: {{num_cpus: 2, executor: {executor}}}\n"
     )
     reference = root / "reference"
     started = time.monotonic()
     done = embedpipe("run", str(config), "-o", str(reference), "--no-progress")
     assert done.returncode == 0, done.stderr
-    return {"root": root, "config": str(config), "reference": output_files(reference),
+    assert manifest(reference)["last_run"]["cluster"]["executor"] == executor
+    _REFERENCES[executor] = output_files(reference)
+    return {"root": root, "config": str(config), "reference": _REFERENCES[executor], "executor": executor,
             "seconds": time.monotonic() - started}
 
 
@@ -90,6 +97,15 @@ def _finish_and_check(job: dict, out: Path, first_exit: int) -> None:
     assert record["counts"]["rows_out"] + record["counts"]["quarantined"] == ROWS
 
 
+@pytest.mark.parametrize("job", EXECUTORS, indirect=True)
+def test_the_executors_write_the_same_bytes(job):
+    other = next(e for e in EXECUTORS if e != job["executor"])
+    if other in _REFERENCES:  # the second executor's reference is compared with the first's
+        assert job["reference"] == _REFERENCES[other]
+    assert len(job["reference"]) > 10
+
+
+@pytest.mark.parametrize("job", EXECUTORS, indirect=True)
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("site", list(SITES))
 def test_kill_at_a_fault_point_then_rerun_is_identical(job, site, seed, tmp_path):
@@ -99,7 +115,8 @@ def test_kill_at_a_fault_point_then_rerun_is_identical(job, site, seed, tmp_path
     first = embedpipe("run", job["config"], "-o", str(out), "--no-progress", env=env)
     fired = (tmp_path / "fault-counters" / f"{site}.{arrival}").exists()
     assert fired, f"{site}:{arrival} never reached"
-    # Workers and actors are retried by Ray within the run; a killed driver (-9) needs the rerun.
+    # Workers and actors are run again within the run (by Ray, or by the driver for the local executor);
+    # a killed driver (-9) needs the rerun.
     assert first.returncode in (0, -signal.SIGKILL), first.stderr
     if site.startswith(("tokenize.", "embed.")):
         assert first.returncode == 0, first.stderr
@@ -114,6 +131,7 @@ def _listed(out: Path) -> int:
         return 0
 
 
+@pytest.mark.parametrize("job", EXECUTORS, indirect=True)
 @pytest.mark.parametrize("seed", SEEDS)
 def test_driver_killed_from_outside_at_a_random_time(job, seed, tmp_path):
     """kill -9 of the driver once k of the 2N shard records are in the manifest (k drawn from the seed)."""
@@ -132,6 +150,7 @@ def test_driver_killed_from_outside_at_a_random_time(job, seed, tmp_path):
     _finish_and_check(job, out, process.returncode)
 
 
+@pytest.mark.parametrize("job", EXECUTORS, indirect=True)
 def test_full_disk_fails_clearly_and_a_rerun_completes(job, tmp_path):
     """ENOSPC injected at the 5th file write: exit 1 naming the file, nothing partial visible, rerun finishes."""
     out = tmp_path / "out"
@@ -147,6 +166,7 @@ def test_full_disk_fails_clearly_and_a_rerun_completes(job, tmp_path):
     _finish_and_check(job, out, first.returncode)
 
 
+@pytest.mark.parametrize("job", ["ray"], indirect=True)
 def test_a_worker_node_removed_mid_job_on_a_multi_node_cluster(job, tmp_path):
     """Head + 3 worker nodes on this machine; the node of an encoder actor paused mid-shard is killed.
 
@@ -195,6 +215,7 @@ def _can_mount_tmpfs(where: Path) -> bool:
     return done.returncode == 0
 
 
+@pytest.mark.parametrize("job", EXECUTORS, indirect=True)
 def test_a_real_full_filesystem_fails_clearly_and_a_rerun_with_space_completes(job, tmp_path):
     """OUT on a 96 KiB tmpfs (needs mount rights: skipped without): exit 1, then grow it and rerun."""
     import subprocess

@@ -17,7 +17,8 @@ from pipeline.config import validate_config
 from pipeline.encode.pieces import Piece, assemble_shard, length_order, longest_first, piece_count, piece_rows_of
 from pipeline.encode.stage import ShardEncoder, embedding_schema
 from pipeline.run.driver import run_job
-from pipeline.run.encoder_pool import encoder_resources, size_encoders
+from pipeline.run.encoder_pool import plan_encoders, size_encoders
+from pipeline.run.engine import RayEngine
 from pipeline.tokenize.loading import load_tokenize_spec
 
 WORDS = "the a cat dog sat on mat fast slow red blue model vector token shard batch text data".split()
@@ -85,9 +86,7 @@ def test_one_shard_is_embedded_by_every_actor_and_equals_one_encoder(ray_cluster
     alone = tmp_path / "alone"
     shutil.copytree(out / "tokens", alone / "tokens")
     (alone / "embeddings").mkdir()
-    from pipeline.run.encoder_pool import plan_encoders
-
-    encoder = ShardEncoder(plan_encoders(config, load_tokenize_spec(config)).spec)
+    encoder = ShardEncoder(plan_encoders(config, load_tokenize_spec(config), {"CPU": 2}).spec)
     report = encoder.embed_shard(str(alone), name)
     assert report["sha256"] == shard["sha256"]
     assert digests(alone / "embeddings") == digests(out / "embeddings", "*.arrow")
@@ -185,9 +184,9 @@ def test_bytes_are_the_same_for_one_two_and_three_actors(tmp_path, tiny_bert):
     assert seen[1] == seen[2] == seen[3]
 
 
-def test_encoder_resources_reads_the_session_cluster(ray_cluster):
-    config = validate_config({"input": {"path": "x"}})
-    assert encoder_resources(config)[:2] == ("cpu", 2)
+def test_the_ray_engine_reads_the_session_cluster(ray_cluster):
+    assert RayEngine().resources() == {"CPU": 2, "GPU": 0}
+    assert size_encoders("auto", cpus=2, gpus=0)[:2] == ("cpu", 2)
 
 
 def test_a_resumed_job_never_mixes_embeddings_computed_two_ways(ray_cluster, tmp_path, tiny_bert):

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cli_runs import cli_env, embedpipe, manifest
+from cli_runs import cli_env, embedpipe, manifest, output_files
 from tiny_models import build_tiny_bert
 
 pytestmark = pytest.mark.slow
@@ -73,7 +73,8 @@ def ray_head() -> Iterator[tuple[str, dict[str, str]]]:
 
 def test_ray_address_joins_that_cluster_and_without_it_a_local_one_starts(
         ray_head: tuple[str, dict[str, str]], tmp_path: Path) -> None:
-    """The run record's cluster is the ``RAY_ADDRESS`` head (its address, 1 CPU); unset, a new local one (2 CPUs)."""
+    """The run record's cluster is the ``RAY_ADDRESS`` head (its address, 1 CPU); unset, the local executor
+    (no Ray, 2 CPUs); unset with ``ray.executor: ray``, a new local Ray cluster (2 CPUs), not the running one."""
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"id": f"r{i}", "text": f"row {i} of the corpus"}) + "\n" for i in range(30)))
     config = tmp_path / "job.yaml"
@@ -94,4 +95,11 @@ def test_ray_address_joins_that_cluster_and_without_it_a_local_one_starts(
     local = embedpipe("tokenize", str(config), "-o", str(tmp_path / "local"), "--no-progress", env=env)
     assert local.returncode == 0, local.stderr
     cluster = manifest(tmp_path / "local")["last_run"]["cluster"]
-    assert not cluster["address"].endswith(f":{port}") and cluster["cpus"] == 2, cluster
+    assert cluster["executor"] == "local" and cluster["address"] is None and cluster["cpus"] == 2, cluster
+
+    new = embedpipe("tokenize", str(config), "-o", str(tmp_path / "new"), "--set", "ray.executor=ray",
+                    "--no-progress", env=env)
+    assert new.returncode == 0, new.stderr
+    cluster = manifest(tmp_path / "new")["last_run"]["cluster"]
+    assert cluster["executor"] == "ray" and not cluster["address"].endswith(f":{port}") and cluster["cpus"] == 2
+    assert output_files(tmp_path / "new") == output_files(tmp_path / "local") == output_files(tmp_path / "joined")

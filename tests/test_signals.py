@@ -19,21 +19,27 @@ pytestmark = pytest.mark.faults
 ROWS, SHARD_ROWS = 1200, 60
 
 
+EXECUTORS = ("local", "ray")
+
+
 @pytest.fixture(scope="module")
-def job(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("signals")
+def job(tmp_path_factory, request) -> dict:
+    """The default MiniLM job on 1,200 rows, on the executor the test is parametrized with."""
+    root = tmp_path_factory.mktemp(f"signals-{request.param}")
     corpus = root / "corpus.jsonl"
     sample = [json.loads(line)["text"] for line in (REPO / "pipeline/sample_data/corpus.jsonl").open()]
     corpus.write_text("".join(json.dumps({"id": f"d{i}", "text": sample[i % len(sample)]}) + "\n"
                               for i in range(ROWS)))
     args = ["conf/default.yaml", "--set", f"input.path={corpus}", "--set", "input.id_column=id",
-            "--set", f"output.shard_rows={SHARD_ROWS}", "--set", "tokenizer.max_length=128", "--no-progress"]
+            "--set", f"output.shard_rows={SHARD_ROWS}", "--set", "tokenizer.max_length=128", "--no-progress",
+            "--set", f"ray.executor={request.param}"]
     reference = root / "reference"
     done = embedpipe("run", *args, "-o", str(reference), "--log-format", "json", timeout=600)
     assert done.returncode == 0, done.stderr
     return {"args": args, "reference": output_files(reference), "log": done.stderr}
 
 
+@pytest.mark.parametrize("job", EXECUTORS, indirect=True)
 def test_progress_lines_come_at_most_every_5_s_per_stage(job):
     """The README's promise for logs of scheduled runs (no terminal): one progress line per stage per 5 s,
     and the stage's last line whenever it finishes. Read from the undisturbed run's JSON log."""
@@ -56,6 +62,7 @@ def _committed(out: Path, stage: str) -> int:
         return 0
 
 
+@pytest.mark.parametrize("job", EXECUTORS, indirect=True)
 @pytest.mark.parametrize("signum,code,grace", [(signal.SIGTERM, 143, "10"), (signal.SIGINT, 130, "0")])
 def test_a_signal_mid_run_stops_cleanly_and_the_rerun_resumes(job, tmp_path, signum, code, grace):
     out = tmp_path / "out"

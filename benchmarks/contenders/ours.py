@@ -1,6 +1,6 @@
 """Contender (ours): `embedpipe tokenize`, exec'd in place so the harness measures it alone.
 
-    python benchmarks/contenders/ours.py CORPUS.jsonl OUTDIR
+    python benchmarks/contenders/ours.py CORPUS.jsonl OUTDIR [--executor auto|local|ray]
 
 The command line lives in `command()` below: the one place to change it
 (e.g. PREFIX = ["embedpipe"] to use the console script).
@@ -18,8 +18,8 @@ CONFIG = REPO / "conf" / "default.yaml"
 PREFIX = [sys.executable, "-m", "jobs.cli"]  # or ["embedpipe"]
 
 
-def command(corpus: Path, outdir: Path) -> list[str]:
-    """The embedpipe command line that tokenizes `corpus` into `outdir`."""
+def command(corpus: Path, outdir: Path, executor: str = "auto") -> list[str]:
+    """The embedpipe command line that tokenizes `corpus` into `outdir` (on ``ray.executor``)."""
     return [
         *PREFIX, "tokenize", str(CONFIG),
         "--set", f"input.path={corpus}",
@@ -27,6 +27,7 @@ def command(corpus: Path, outdir: Path) -> list[str]:
         "--set", "tokenizer.padding=max_length",
         "--set", "tokenizer.max_length=128",
         "--set", "ray.num_cpus=2",
+        "--set", f"ray.executor={executor}",
         # The baselines tokenize texts with NUL bytes (a few in the corpus) like any other; by default
         # embedpipe quarantines them. Keep them, so that every contender writes the same rows.
         "--set", "input.nul_bytes=keep",
@@ -35,9 +36,13 @@ def command(corpus: Path, outdir: Path) -> list[str]:
 
 
 def main() -> None:
-    if len(sys.argv) != 3:
-        sys.exit(f"usage: {sys.argv[0]} CORPUS.jsonl OUTDIR")
-    cmd = command(Path(sys.argv[1]).resolve(), Path(sys.argv[2]).resolve())
+    args = sys.argv[1:]
+    executor = "auto"
+    if len(args) == 4 and args[2] == "--executor":
+        executor, args = args[3], args[:2]
+    if len(args) != 2:
+        sys.exit(f"usage: {sys.argv[0]} CORPUS.jsonl OUTDIR [--executor auto|local|ray]")
+    cmd = command(Path(args[0]).resolve(), Path(args[1]).resolve(), executor)
     executable = cmd[0] if os.sep in cmd[0] else shutil.which(cmd[0])
     if executable is None:
         sys.exit(f"ours: {cmd[0]!r} not found on PATH")
