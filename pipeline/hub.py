@@ -100,8 +100,8 @@ def resolve_commit(repo_id: str, revision: str | None, key: str) -> str:
     """
     from huggingface_hub import resolve_revision
 
-    try:
-        return resolve_revision(repo_id, revision=revision).resolved
+    try:  # offline by choice: straight to the cache (else huggingface_hub warns of an unreachable Hub each time)
+        return resolve_revision(repo_id, revision=revision, local_files_only=_offline()).resolved
     except _hub_errors() as exc:
         raise _config_error(exc, key, repo_id, revision) from None
 
