@@ -151,7 +151,8 @@ def fetch_model(repo_id: str, commit: str, key: str = "encoder.model", *, allow_
     """
     folder = _fetch(repo_id, commit, SMALL_FILES, key)
     _check_remote_code(folder, repo_id, commit, key, trust_remote_code)
-    log.info("%s: %s at commit %s: fetching the weights into the Hugging Face cache if absent", key, repo_id, commit)
+    log.info("%s: %s at commit %s: weights from the Hugging Face cache (downloaded first if absent)",
+             key, repo_id, commit)
     folder = _fetch(repo_id, commit, WEIGHTS, key)
     if not any(folder.rglob("*.safetensors")) and allow_pickle:
         folder = _fetch(repo_id, commit, PICKLES, key)
