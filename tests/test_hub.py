@@ -130,6 +130,10 @@ def test_the_manifest_holds_the_commit_and_a_moved_main_is_another_job(hf_home, 
     assert moved.output_hash() != pinned.output_hash()
     before, after = pinned.stage_hashes(), moved.stage_hashes()
     assert before["tokens"] != after["tokens"] and before["embeddings"] != after["embeddings"]
+    # Commands reading the output (inspect, export, the training collator) load the commit the job used.
+    from pipeline.ops.inspect import load_decoder
+
+    assert Path(load_decoder(manifest).tokenizer.name_or_path).name == NEW
 
 
 def test_local_directories_and_aliases_hash_as_before_revisions_existed(built, tmp_path):
