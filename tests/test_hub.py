@@ -180,10 +180,11 @@ def test_plan_resolves_hub_ids_from_the_environments_hf_home(hf_home, tmp_path):
     config = tmp_path / "job.yaml"
     config.write_text(f"input: {{path: {corpus}}}\ntokenizer: {{max_length: 16}}\n"
                       f"encoder: {{model: {REPO_ID}, revision: v1}}\n")
-    result = embedpipe("plan", str(config), "--json", "-o", str(tmp_path / "out"),
+    # The tokenize stage's plan: no model weights read, yet the encoder is resolved too (the hashes need it).
+    result = embedpipe("plan", str(config), "--json", "--stages", "tokenize", "-o", str(tmp_path / "out"),
                        env=cli_env(HF_HOME=str(hf_home)))
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)
     assert plan["models"]["encoder"] == {"name": REPO_ID, "revision": "v1", "commit": OLD}
-    assert plan["rerun"] == "fresh output: every shard would be written" and "embeddings" in plan["estimated_bytes"]
+    assert plan["models"]["tokenizer"]["commit"] == OLD and plan["rerun"] == "fresh output: every shard would be written"
 
