@@ -55,6 +55,10 @@ class TokenizerConfig(_Section):
     """Tokenizer choice and the padding/truncation options of ``transformers``."""
 
     name: str | None = None
+    # Hub revision (branch, tag or commit) of a tokenizer named by hub id. Unset: the encoder's revision when the
+    # tokenizer is the encoder's model (tokenizer.name unset or the same id), else main. Pinned to a commit sha
+    # on the driver before any work (pipeline.hub.pin_revisions).
+    revision: str | None = None
     max_length: int | None = Field(default=None, gt=0)
     padding: Literal["max_length", "longest", "none"] = "max_length"
     padding_side: Literal["right", "left"] | None = None
@@ -91,6 +95,8 @@ class TokenizerConfig(_Section):
         if not self.pack:
             for key in _PACK_KEYS:
                 data.pop(key, None)
+        if self.revision is None:  # likewise jobs whose tokenizer is no hub id (pipeline.hub)
+            data.pop("revision", None)
         return data
 
 
@@ -101,6 +107,9 @@ class EncoderConfig(_Section):
     """The text encoder of the embed stage."""
 
     model: str = "minilm"
+    # Hub revision (branch, tag or commit; unset: main) of a model named by hub id (org/name), pinned to a
+    # commit sha on the driver before any work (pipeline.hub.pin_revisions).
+    revision: str | None = None
     pooling: Literal["mean", "cls", "last", "none"] = "mean"
     layer: int = -1
     final_layer_norm: bool | None = None
@@ -125,6 +134,14 @@ class EncoderConfig(_Section):
     cpu_linear: Literal["onednn", "torch"] = "onednn"
     allow_pickle: bool = False
     trust_remote_code: bool = False
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # A model that is no hub id dumps (and so hashes) as before revisions existed: its outputs stay its own.
+        data = handler(self)
+        if self.revision is None:
+            data.pop("revision", None)
+        return data
 
 
 class RayConfig(_Section):

@@ -18,7 +18,7 @@ LAYERS = [
     {"pipeline.data", "pipeline.encode"},
     {"pipeline.tokenize"},
     {"pipeline.output"},
-    {"pipeline.config", "pipeline.inputs", "pipeline.sample_data"},
+    {"pipeline.config", "pipeline.hub", "pipeline.inputs", "pipeline.sample_data"},
     {"pipeline.errors", "pipeline.faults", "pipeline"},
 ]
 

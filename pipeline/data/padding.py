@@ -64,7 +64,7 @@ def _from_tokenizer(manifest: dict[str, Any], root: str) -> tuple[str, int | Non
     options = config.get("tokenizer", {})
     name = options.get("name") or config.get("encoder", {}).get("model")
     try:
-        hf = tokenizer_settings(name, "tokenizer.name")
+        hf = tokenizer_settings(name, "tokenizer.name", options.get("revision"))  # a hub id's pinned commit
     except ConfigError as exc:
         raise DataError(f"{root}/tokens: cannot tell its padding side or pad id: the job's tokenizer {name!r} "
                         f"does not load here ({exc}); pass padding_side= and pad_id= to collator()") from None

@@ -52,6 +52,9 @@ class EmbedSpec:
     cpu_linear: str = "onednn"  # "onednn": pack float32 linear layers for oneDNN on CPU; "torch": leave them
     tf32: bool = False  # CUDA float32 matmuls on TF32 tensor cores (faster, ~1e-3 relative error)
     piece_rows: int = DEFAULT_PIECE_ROWS["cpu"]  # rows per piece of a shard (pipeline.encode.pieces)
+    # A hub model's (repo id, commit): each worker fetches that commit from its own node's Hugging Face cache
+    # (downloading it there if absent), so every node loads the same snapshot; model_dir is the driver's copy.
+    hub_model: tuple[str, str] | None = None
 
     def computed_with(self) -> dict[str, Any]:
         """The resolved settings a shard's bytes depend on beyond the config (``device: auto`` resolved):
@@ -120,13 +123,19 @@ class ShardEncoder:
 
             if self.spec.num_threads:
                 torch.set_num_threads(self.spec.num_threads)
+            model_dir = self.spec.model_dir
+            if self.spec.hub_model:  # never a branch: the commit the driver pinned
+                from pipeline.hub import fetch_model
+
+                model_dir = fetch_model(*self.spec.hub_model, allow_pickle=self.spec.allow_pickle,
+                                        trust_remote_code=self.spec.trust_remote_code)
             keep_freed_memory()
             device = resolve_device(self.spec.device)
             if device.type == "cuda":  # exact float32 unless encoder.tf32 asks for tensor-core speed
                 torch.backends.cuda.matmul.allow_tf32 = self.spec.tf32
                 torch.backends.cudnn.allow_tf32 = self.spec.tf32
             model = load_encoder(
-                self.spec.model_dir, allow_pickle=self.spec.allow_pickle,
+                model_dir, allow_pickle=self.spec.allow_pickle,
                 trust_remote_code=self.spec.trust_remote_code, dtype=self.spec.options.dtype, device=device,
             )
             check_options(model, self.spec.options)
@@ -224,7 +233,8 @@ def _take(column: Any, rows: np.ndarray) -> Any:
 def plan_embed(config: Any, tokenize_spec: Any, device: str, num_threads: int | None) -> EmbedSpec:
     """Check the encoder settings against the model's config and the tokenizer, before any work.
 
-    Reads only the model's config.json and lists its weight files (the weights load on the workers).
+    Reads only the model's config.json and lists its weight files (the weights load on the workers). A hub
+    model is fetched here into the driver's Hugging Face cache first (:func:`pipeline.hub.fetch_model`).
 
     Raises:
         ConfigError: the model cannot be used (see :func:`pipeline.encode.models.load_encoder`), the tokenizer's
@@ -232,11 +242,13 @@ def plan_embed(config: Any, tokenize_spec: Any, device: str, num_threads: int | 
             asked of rows that have no fixed width.
     """
     from pipeline.encode.forward import EncodeOptions
-    from pipeline.encode.models import check_model_dir, resolve_model_dir, text_config
+    from pipeline.encode.models import check_model_dir, locate_model, text_config
     from pipeline.errors import ConfigError
 
     enc = config.encoder
-    model_dir = resolve_model_dir(enc.model)
+    source = locate_model(enc.model, enc.revision, allow_pickle=enc.allow_pickle,
+                          trust_remote_code=enc.trust_remote_code)
+    model_dir = source.path
     check_model_dir(model_dir, allow_pickle=enc.allow_pickle, trust_remote_code=enc.trust_remote_code)
     text = text_config(model_dir, enc.trust_remote_code)
     if tokenize_spec.vocab_size > text.vocab_size:
@@ -262,4 +274,5 @@ def plan_embed(config: Any, tokenize_spec: Any, device: str, num_threads: int | 
         padding_side=tokenize_spec.padding_side, seq_len=tokenize_spec.fixed_width,
         hidden_size=int(text.hidden_size), num_threads=num_threads,
         cpu_linear=enc.cpu_linear, tf32=enc.tf32, piece_rows=enc.piece_rows or DEFAULT_PIECE_ROWS[device],
+        hub_model=source.hub,
     )

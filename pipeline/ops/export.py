@@ -52,7 +52,7 @@ def _separator_id(manifest: dict[str, Any], separator: str | None) -> int | None
 
     config = manifest.get("config", {})
     name = config.get("tokenizer", {}).get("name") or config.get("encoder", {}).get("model")
-    hf = tokenizer_settings(name, "tokenizer.name")
+    hf = tokenizer_settings(name, "tokenizer.name", config.get("tokenizer", {}).get("revision"))  # a pinned commit
     token = hf.eos_token if separator == "eos" else separator
     if token is None:
         raise ConfigError(f"--separator: the job's tokenizer {name!r} has no EOS token; name a token of its "

@@ -149,7 +149,8 @@ def load_decoder(manifest: dict[str, Any] | None) -> Decoder:
     from pipeline.tokenize.loading import _load_hf_tokenizer  # the job's loader: aliases, local dirs, tokenizer.json
 
     try:
-        tokenizer = _load_hf_tokenizer(name, "the manifest's tokenizer.name")
+        tokenizer = _load_hf_tokenizer(name, "the manifest's tokenizer.name",
+                                       (config.get("tokenizer") or {}).get("revision"))  # a hub id's pinned commit
     except ConfigError as exc:
         return Decoder(name, None, f"{exc}: token ids are not decoded")
     note = None

@@ -16,6 +16,7 @@ import numpy as np
 
 from pipeline.config import JobConfig
 from pipeline.errors import ConfigError
+from pipeline.hub import pin_revisions
 from pipeline.inputs.columns import check_columns
 from pipeline.inputs.discovery import find_inputs
 from pipeline.inputs.files import TextRules
@@ -52,6 +53,8 @@ class PlanPreview:
     would_skip: dict[str, int] = field(default_factory=dict)
     increment: dict[str, Any] | None = None
     skipped: list[dict[str, str]] = field(default_factory=list)
+    models: dict[str, dict[str, str]] = field(default_factory=dict)
+    """The hub ids and the commits they resolve to now (what a run would pin them to)."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -81,6 +84,7 @@ def _sample_lengths(config: JobConfig, spec: Any, units: list[Any]) -> tuple[np.
 
 def preview_job(config: JobConfig, stages: tuple[str, ...]) -> PlanPreview:
     """Plan ``config``'s job and estimate it (see the module docstring); writes nothing."""
+    config, models = pin_revisions(config)
     found = find_inputs(config.input.path, config.input.format, exclude=config.output.path)
     files = found.files
     check_columns(files, config.input.text_column, config.input.id_column)
@@ -104,7 +108,7 @@ def preview_job(config: JobConfig, stages: tuple[str, ...]) -> PlanPreview:
         est_rows = round(est_tokens / spec.max_length)
         per_row = spec.max_length * (token_bytes + 1 + 4) + 64
     estimated = {"tokens": int(est_rows * per_row)}
-    rerun, skip = _rerun_outcome(config, out_dir, old, files, plan, spec, stages)
+    rerun, skip = _rerun_outcome(config, out_dir, old, files, plan, spec, stages, models)
     if "embeddings" in stages and config.tokenizer.pack:
         try:
             check_pack_stages(config, stages)
@@ -126,7 +130,7 @@ def preview_job(config: JobConfig, stages: tuple[str, ...]) -> PlanPreview:
         truncated_fraction=round(float(np.mean(untruncated > (spec.max_length or 0))) if spec.truncation and texts
                                  else 0.0, 4),
         estimated_tokens=est_tokens, estimated_bytes=estimated, rerun=rerun,
-        would_skip=skip, increment=plan.increment, skipped=[s.to_json() for s in found.skipped],
+        would_skip=skip, increment=plan.increment, skipped=[s.to_json() for s in found.skipped], models=models,
     )
 
 
@@ -136,7 +140,8 @@ def _embedding_row_bytes(config: JobConfig, hidden: int, width: int | None) -> f
 
 
 def _rerun_outcome(config: JobConfig, out_dir: Any, old: dict[str, Any] | None, files: list[Any], plan: Any,
-                   spec: Any, stages: tuple[str, ...]) -> tuple[str, dict[str, int]]:
+                   spec: Any, stages: tuple[str, ...],
+                   models: dict[str, dict[str, str]] | None = None) -> tuple[str, dict[str, int]]:
     """What running now would do with what OUT holds: (a sentence, committed shards it would skip per stage)."""
     if old is None:
         in_the_way, foreign = files_in_the_way(out_dir), foreign_entries(out_dir)
@@ -146,7 +151,7 @@ def _rerun_outcome(config: JobConfig, out_dir: Any, old: dict[str, Any] | None, 
             return (f"refused (exit 2) unless --force: OUT is not empty and not an embedpipe output "
                     f"({', '.join(foreign[:5])}); with --force they are kept"), {}
         return "fresh output: every shard would be written", {}
-    fresh = new_manifest(config, files, plan.units, spec.tokenizer_sha256, plan.names)
+    fresh = new_manifest(config, files, plan.units, spec.tokenizer_sha256, plan.names, models)
     changed = differences(old, fresh, increment=plan.increment is not None)
     if changed:
         return f"refused (exit 2) unless --force: OUT holds a different job ({'; '.join(changed)})", {}
@@ -177,6 +182,8 @@ def format_preview(p: PlanPreview) -> str:
     """Human-readable lines for the terminal."""
     lines = [f"plan for {p.out_dir}: stages {', '.join(p.stages)}",
              f"  input: {p.files} files, {p.rows:,} rows -> {len(p.units)} units / shards"]
+    lines += [f"  {what}: {ref['name']} revision {ref['revision']} = commit {ref['commit']}"
+              for what, ref in p.models.items()]
     lines += _first_ten([f"{u['shard']}  {u['rows']:>8,} rows  {u['source']}" for u in p.units])
     if p.skipped:
         lines.append(f"  not read: {len(p.skipped)} files or folders of the input")

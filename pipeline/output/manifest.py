@@ -52,9 +52,13 @@ def input_fingerprint(files: list[InputFile]) -> str:
 
 
 def new_manifest(config: JobConfig, files: list[InputFile], units: list[WorkUnit], tokenizer_sha256: str,
-                 names: list[str]) -> dict[str, Any]:
-    """A fresh manifest for a job that has not committed anything yet."""
-    return {
+                 names: list[str], models: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
+    """A fresh manifest for a job that has not committed anything yet.
+
+    ``models``: the hub ids pinned to commits (:func:`pipeline.hub.pin_revisions`), recorded under ``models``;
+    ``config`` is the pinned config, whose revisions (and so hashes) are those commits.
+    """
+    manifest = {
         "format_version": FORMAT_VERSION,
         "created_at": now(),
         "updated_at": now(),
@@ -69,6 +73,9 @@ def new_manifest(config: JobConfig, files: list[InputFile], units: list[WorkUnit
         "stages": {},
         "counts": {"rows_in": 0, "rows_out": 0, "quarantined": 0},
     }
+    if models:
+        manifest["models"] = models
+    return manifest
 
 
 _MANIFEST_KEYS = ("format_version", "config_hash", "plan", "stages")

@@ -58,6 +58,8 @@ def prepare_output(out_dir: Location, old: dict[str, Any] | None, fresh: dict[st
         if COMPUTED_WITH_KEY in fresh:
             old[COMPUTED_WITH_KEY] = fresh[COMPUTED_WITH_KEY]
     old["config"], old["config_hash"] = fresh["config"], fresh["config_hash"]
+    if "models" in fresh or "models" in old:  # the hub commits go with the config that names them
+        old["models"] = fresh.get("models", {})
     old.setdefault("stage_hashes", {}).setdefault("tokens", fresh["stage_hashes"]["tokens"])
     if increment is not None:
         old["plan"], old["input"] = fresh["plan"], fresh["input"]

@@ -17,6 +17,7 @@ from pipeline.config import JobConfig
 from pipeline.encode.stage import embedding_schema
 from pipeline.errors import Interrupted
 from pipeline.faults import fault_point
+from pipeline.hub import pin_revisions
 from pipeline.inputs.columns import check_columns
 from pipeline.inputs.discovery import discover
 from pipeline.inputs.files import TextRules
@@ -66,6 +67,7 @@ def run_job(config: JobConfig, *, stages: tuple[str, ...] = STAGES, force: bool 
 def _run_job(config: JobConfig, stages: tuple[str, ...], force: bool, progress: ProgressCallback | None,
              stop: StopRequest) -> dict[str, StageResult]:
     started = time.monotonic()
+    config, models = pin_revisions(config)  # hub ids -> commits, before any work: every later load sees those
     out_dir = output_path(config.output.path)
     with ThreadPoolExecutor(max_workers=1) as pool:
         spec_future = pool.submit(load_tokenize_spec, config)  # seconds for some tokenizers: overlap it
@@ -93,7 +95,7 @@ def _run_job(config: JobConfig, stages: tuple[str, ...], force: bool, progress: 
                 spec = spec_future.result()
                 # Every check that can refuse the job runs before the output is touched (--force deletes).
                 encoders = plan_encoders(config, spec, engine.resources()) if EMBEDDINGS in stages else None
-                fresh = new_manifest(config, files, plan.units, spec.tokenizer_sha256, plan.names)
+                fresh = new_manifest(config, files, plan.units, spec.tokenizer_sha256, plan.names, models)
                 if encoders:
                     fresh[COMPUTED_WITH_KEY] = encoders.spec.computed_with()
                 if changed:  # --force: start over rather than mix two versions of the input

@@ -1,22 +1,23 @@
-"""Model and tokenizer names: aliases, local directories, and the checks made before work.
+"""Model and tokenizer names: aliases, local directories, hub ids, and the checks made before work.
 
 The tokenizer is resolved once on the driver as ``transformers`` loads it (so every
 option means exactly what it means there; the facts a job uses are cached on disk by
 :mod:`pipeline.tokenize.settings`, so later jobs do not import transformers); workers
-receive its serialized backend inside a :class:`TokenizeSpec` and need only ``tokenizers``.
+receive its serialized backend inside a :class:`TokenizeSpec` and need only ``tokenizers``
+(a hub tokenizer is fetched on the driver alone, see :mod:`pipeline.hub`).
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import JobConfig
 from pipeline.errors import ConfigError
+from pipeline.hub import fetch_tokenizer, is_hub_id, resolve_commit, tokenizer_source
 from pipeline.tokenize.core import TokenizeSpec
 from pipeline.tokenize.settings import TokenizerSettings, cached_settings
 
@@ -39,19 +40,42 @@ def resolve_alias(name: str) -> str:
     return factory() if factory else name
 
 
+def _local_path(name: str, key: str, revision: str | None) -> str:
+    """Where the tokenizer ``name`` is on this machine: an alias's directory, the name itself (a directory or a
+    tokenizer.json), or a hub id's snapshot at ``revision``, fetched into the Hugging Face cache if absent.
+
+    Raises:
+        ConfigError: a hub id that cannot be resolved or fetched; ``revision`` set for a name that is no hub id.
+    """
+    path = resolve_alias(name)
+    if is_hub_id(path):  # the snapshot folder is one commit's: caching by it never serves a moved branch
+        return str(fetch_tokenizer(path, resolve_commit(path, revision, key), key))
+    if revision is not None:
+        raise ConfigError(f"{key}: {name!r} is no hub id (org/name) but an alias, a local directory or a file, "
+                          f"which has no revisions; remove tokenizer.revision ({revision!r})")
+    return path
+
+
+def _load_hf_tokenizer(name: str, key: str, revision: str | None = None) -> Any:
+    """Load a transformers fast tokenizer (an alias, a local directory or tokenizer.json, or a hub id at
+    ``revision``), once per process for each local directory or snapshot (treat the result as read-only).
+
+    Raises:
+        ConfigError: it cannot be found or loaded; see also :func:`_local_path`.
+    """
+    return _load_tokenizer_at(_local_path(name, key, revision), name, key)
+
+
 @functools.lru_cache(maxsize=8)
-def _load_hf_tokenizer(name: str, key: str) -> Any:
-    """Load a transformers fast tokenizer once per process (treat the result as read-only)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+def _load_tokenizer_at(path: str, name: str, key: str) -> Any:
     import transformers
 
-    path = resolve_alias(name)
     try:
         if path.endswith(".json") and Path(path).is_file():
             return transformers.PreTrainedTokenizerFast(tokenizer_file=path)
         if not Path(path).is_dir():
             raise ConfigError(f"{key}: {name!r} is neither an alias ({', '.join(ALIASES)}), "
-                              "a local tokenizer directory nor a tokenizer.json file")
+                              "a local tokenizer directory, a tokenizer.json file nor a hub id (org/name)")
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{key}: cannot load a tokenizer from {path}: {exc}") from None
@@ -60,18 +84,23 @@ def _load_hf_tokenizer(name: str, key: str) -> Any:
     return tokenizer
 
 
-@functools.lru_cache(maxsize=8)
-def tokenizer_settings(name: str, key: str) -> TokenizerSettings:
-    """The settings of the tokenizer ``name`` (alias, directory or tokenizer.json) as transformers loads it:
-    from the on-disk cache when its files were seen before (no transformers import), else loaded.
+def tokenizer_settings(name: str, key: str, revision: str | None = None) -> TokenizerSettings:
+    """The settings of the tokenizer ``name`` (alias, directory, tokenizer.json, or hub id at ``revision``) as
+    transformers loads it: from the on-disk cache when its files were seen before (no transformers import),
+    else loaded.
 
     Raises:
         ConfigError: as :func:`_load_hf_tokenizer` (``key`` names the config key in the message).
     """
-    path = Path(resolve_alias(name))
-    if not (path.is_dir() or (path.suffix == ".json" and path.is_file())):
-        _load_hf_tokenizer(name, key)  # raises the error that says what is wrong with the name
-    return cached_settings(path, lambda: _load_hf_tokenizer(name, key))
+    return _settings_at(_local_path(name, key, revision), name, key)
+
+
+@functools.lru_cache(maxsize=8)
+def _settings_at(path: str, name: str, key: str) -> TokenizerSettings:
+    local = Path(path)
+    if not (local.is_dir() or (local.suffix == ".json" and local.is_file())):
+        _load_tokenizer_at(path, name, key)  # raises the error that says what is wrong with the name
+    return cached_settings(local, lambda: _load_tokenizer_at(path, name, key))
 
 
 def _single_type_ids_zero(tokenizer_json: str) -> bool:
@@ -178,9 +207,8 @@ def load_tokenize_spec(config: JobConfig) -> TokenizeSpec:
             has a placeholder model_max_length and no tokenizer.max_length is set, or the stride is too large.
     """
     opts = config.tokenizer
-    name = opts.name or config.encoder.model
-    key = "tokenizer.name" if opts.name else "encoder.model (the default tokenizer)"
-    hf = tokenizer_settings(name, key)
+    name, revision, key = tokenizer_source(config)
+    hf = tokenizer_settings(name, key, revision)
     tokenizer_json = hf.tokenizer_json
 
     if opts.pack:
