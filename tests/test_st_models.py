@@ -198,6 +198,17 @@ def test_max_seq_length_from_sentence_bert_config(tmp_path, bert_dir):
     assert spec.max_length == 20
 
 
+def test_do_lower_case_from_sentence_bert_config(tmp_path, gpt2_dir):
+    """A cased (byte-level) tokenizer lowercased first, as ST's do_lower_case does: prompt and text."""
+    model_dir = build_st(tmp_path / "st", gpt2_dir, "mean", prompts={"q": "Query: "}, default_prompt_name="q")
+    path = model_dir / "sentence_bert_config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"do_lower_case": True}))
+    texts = ["HELLO World, THE Quick Brown FOX", "Mixed CaSe WoRdS", "lower case text"]
+    vectors, _, spec, _ = ours(model_dir, texts, tokenizer={"pad_token": "<|endoftext|>"})
+    assert '"Lowercase"' in spec.tokenizer_json
+    assert_same(vectors, reference(model_dir, texts))
+
+
 def test_explicit_pooling_overrides_the_model_and_is_logged(tmp_path, bert_dir, caplog):
     model_dir = build_st(tmp_path / "st", bert_dir, "cls", normalize=True)
     with caplog.at_level(logging.WARNING, logger="embedpipe"):
@@ -231,3 +242,29 @@ def test_minilm_default_job_is_unchanged(minilm_dir):
     assert resolved.output_hash() == config.output_hash()
     st = read_st_config(minilm_dir)
     assert (st.pooling, st.normalize, st.max_seq_length) == ("mean", True, 256)
+
+
+def test_run_job_records_the_resolved_settings_and_matches_sentence_transformers(ray_cluster, tmp_path, bert_dir):
+    """The driver path: the config resolved against the model on the driver, the prompt applied by the
+    tokenize tasks, Dense + truncate_dim + Normalize on the encoder actors; the manifest says what ran."""
+    from pipeline.output.shards import read_shard
+    from pipeline.run.driver import run_job
+
+    model_dir = build_st(tmp_path / "st", bert_dir, "cls", dense=24, normalize=True, prompts=PROMPTS,
+                         default_prompt_name="query")
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"id": f"doc-{i}", "text": t}, ensure_ascii=False) + "\n"
+                              for i, t in enumerate(TEXTS)), encoding="utf-8")
+    config = validate_config({"input": {"path": str(corpus), "id_column": "id"},
+                              "output": {"path": str(tmp_path / "out"), "shard_rows": 8},
+                              "encoder": {"model": str(model_dir), "truncate_dim": 16}})
+    run_job(config)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    enc = manifest["config"]["encoder"]
+    assert (enc["pooling"], enc["normalize"], enc["prompt"], enc["prompt_name"], enc["truncate_dim"]) == (
+        "cls", True, "query: ", "query", 16)
+    assert manifest["config_hash"] == resolve_job_config(config).output_hash()
+    tables = [read_shard(p) for p in sorted((tmp_path / "out" / "embeddings").glob("*.arrow"))]
+    got = np.concatenate([np.asarray(t.column("embedding").to_pylist(), dtype=np.float32) for t in tables])
+    np.testing.assert_allclose(got, reference(model_dir, truncate_dim=16, normalize_embeddings=True), atol=1e-5)
+    assert all(r.nothing_to_do for r in run_job(config).values())  # the same resolved job: nothing to redo

@@ -6,8 +6,8 @@ projections (weights in the module's ``model.safetensors``), and ``Normalize``. 
 types either the old way (``sentence_transformers.models.Pooling``) or by the module paths of
 sentence-transformers 5/6 (``sentence_transformers.sentence_transformer.modules.pooling.Pooling``,
 ``sentence_transformers.base.modules.dense.Dense``...): only the class name counts here. Prompts and the
-default prompt come from ``config_sentence_transformers.json``; ``max_seq_length`` (the old format) from
-``sentence_bert_config.json`` (the new format saves it as the tokenizer's ``model_max_length``, which the
+default prompt come from ``config_sentence_transformers.json``; ``max_seq_length`` and ``do_lower_case``
+(the old format) from ``sentence_bert_config.json`` (the new format saves it as the tokenizer's ``model_max_length``, which the
 tokenizer already carries). A directory without ``modules.json`` is a plain Hugging Face model: no settings.
 
 :func:`encoder_settings` resolves ``encoder.pooling: auto`` / ``normalize: auto`` and the prompt against
@@ -65,6 +65,7 @@ class STConfig:
     dense: tuple[DenseLayer, ...] = ()
     normalize: bool = False  # a Normalize module ends the chain
     max_seq_length: int | None = None
+    do_lower_case: bool = False  # sentence_bert_config.json: the tokenizer lowercases first (prompt and text)
     prompts: tuple[tuple[str, str], ...] = ()
     default_prompt_name: str | None = None
 
@@ -142,8 +143,7 @@ def read_st_config(model_dir: str | Path) -> STConfig:
 
     Raises:
         ConfigError: a file cannot be read, or the module chain holds something embedpipe cannot run the way
-            sentence-transformers does (another module type, several pooling modes, lowercasing, a Dense
-            module after Normalize, a Transformer outside the directory's root).
+            sentence-transformers does (another module type, several pooling modes, a Dense module after Normalize, a Transformer outside the directory's root).
     """
     model_dir = Path(model_dir)
     modules = _read_json(model_dir / "modules.json")
@@ -173,9 +173,6 @@ def read_st_config(model_dir: str | Path) -> STConfig:
         elif name == "Normalize":
             normalize = True
     bert = _read_json(model_dir / "sentence_bert_config.json") or {}
-    if bert.get("do_lower_case"):
-        raise ConfigError(f"encoder.model: {model_dir}/sentence_bert_config.json asks for do_lower_case, "
-                          "which embedpipe does not apply; lowercase the input or use a lowercasing tokenizer")
     st = _read_json(model_dir / "config_sentence_transformers.json") or {}
     prompts = {str(k): str(v) for k, v in (st.get("prompts") or {}).items()}
     default = st.get("default_prompt_name")
@@ -186,6 +183,7 @@ def read_st_config(model_dir: str | Path) -> STConfig:
     return STConfig(
         is_sentence_transformer=True, pooling=pooling, include_prompt=include_prompt, dense=tuple(dense),
         normalize=normalize, max_seq_length=int(max_seq) if max_seq else None,
+        do_lower_case=bool(bert.get("do_lower_case", False)),
         prompts=tuple(sorted(prompts.items())), default_prompt_name=default,
     )
 

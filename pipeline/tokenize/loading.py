@@ -125,6 +125,22 @@ def _model_max_length(hf: TokenizerSettings, name: str) -> int:
     return int(model_max)
 
 
+def _lowercasing(tokenizer_json: str) -> str:
+    """The tokenizer with a Lowercase normalizer first, as sentence-transformers' ``do_lower_case`` sets it
+    (unless the normalizer already is, or holds, a Lowercase)."""
+    from tokenizers import Tokenizer
+    from tokenizers.normalizers import Lowercase, Sequence
+
+    tokenizer = Tokenizer.from_str(tokenizer_json)
+    current = tokenizer.normalizer
+    if isinstance(current, Lowercase) or (isinstance(current, Sequence) and any(isinstance(n, Lowercase)
+                                                                                  for n in current)):
+        return tokenizer_json
+    rest = list(current) if isinstance(current, Sequence) else [] if current is None else [current]
+    tokenizer.normalizer = Sequence([Lowercase(), *rest])
+    return tokenizer.to_str()
+
+
 def _prompt_tokens(tokenizer_json: str, prompt: str, max_length: int | None, add_special_tokens: bool) -> int:
     """The prompt's length in tokens as sentence-transformers counts it for ``include_prompt: false``: the
     prompt tokenized alone (truncated like a text), less a trailing special token (SEP, EOS)."""
@@ -205,8 +221,10 @@ def load_tokenize_spec(config: JobConfig) -> TokenizeSpec:
     st = model_st_config(config)
     prompt = encoder_settings(config.encoder, st).prompt
     max_length = opts.max_length
-    if max_length is None and tokenizer_is_the_encoders(config):
-        max_length = st.max_seq_length  # sentence_bert_config.json's, what sentence-transformers truncates to
+    if tokenizer_is_the_encoders(config):  # sentence_bert_config.json's settings of the model's own tokenizer
+        max_length = st.max_seq_length if max_length is None else max_length  # what ST truncates to
+        if st.do_lower_case:
+            tokenizer_json = _lowercasing(tokenizer_json)
     if max_length is None and (opts.truncation or opts.padding == "max_length"):
         max_length = _model_max_length(hf, name)
 
