@@ -14,7 +14,10 @@ What a row's embedding is (DESIGN.md "Encoding semantics"):
   ``cls`` takes the first, ``last`` the last (right or left padding). ``none`` keeps every position:
   padded positions hold zeros when the mask is used (a batch is not computed out to the stored width,
   and a left pad has nothing to attend to), and the computed hidden states of the pad tokens when it
-  is not.
+  is not. ``max`` and ``weightedmean`` are sentence-transformers' (see :func:`pool`).
+- A sentence-transformers model's head runs after pooling (:func:`_head`; settings from
+  :mod:`pipeline.encode.st_config`): its Dense layers, then ``truncate_dim``, then the L2 normalization;
+  with ``include_prompt: false`` the prompt's first tokens are left out of pooling.
 - ``layer``: -1 the last layer, -2 the penultimate ("clip skip"), 0 the embedding layer's output
   (for CLIP and GPT-2 token plus position embeddings). ``final_layer_norm`` applies the norm that
   CLIP (``final_layer_norm``) and GPT-2 (``ln_f``) run after their last layer. Default (``None``):
