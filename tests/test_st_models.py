@@ -268,3 +268,32 @@ def test_run_job_records_the_resolved_settings_and_matches_sentence_transformers
     got = np.concatenate([np.asarray(t.column("embedding").to_pylist(), dtype=np.float32) for t in tables])
     np.testing.assert_allclose(got, reference(model_dir, truncate_dim=16, normalize_embeddings=True), atol=1e-5)
     assert all(r.nothing_to_do for r in run_job(config).values())  # the same resolved job: nothing to redo
+
+
+def test_module_chains_embedpipe_cannot_run_are_refused_naming_the_file(tmp_path, bert_dir):
+    model_dir = build_st(tmp_path / "st", bert_dir, "mean", normalize=True)
+    modules = json.loads((model_dir / "modules.json").read_text())
+    (model_dir / "modules.json").write_text(json.dumps(
+        [*modules, {"idx": 9, "name": "9", "path": "9_LSTM", "type": "sentence_transformers.models.LSTM"}]))
+    with pytest.raises(ConfigError, match="module 'sentence_transformers.models.LSTM' is not one embedpipe runs"):
+        read_st_config(model_dir)
+    (model_dir / "modules.json").write_text(json.dumps(modules))
+    pooling = model_dir / "1_Pooling" / "config.json"
+    pooling.write_text(json.dumps({"word_embedding_dimension": 32, "pooling_mode_cls_token": True,
+                                   "pooling_mode_mean_tokens": True}))  # the legacy format, two modes at once
+    with pytest.raises(ConfigError, match="concatenates pooling modes"):
+        read_st_config(model_dir)
+    pooling.write_text(json.dumps({"word_embedding_dimension": 32, "pooling_mode_max_tokens": True}))
+    assert read_st_config(model_dir).pooling == "max"
+
+
+def test_the_prompt_is_part_of_the_tokens_hash(tmp_path, bert_dir):
+    model_dir = build_st(tmp_path / "st", bert_dir, "mean", prompts=PROMPTS, default_prompt_name="query")
+
+    def hashes(**encoder):
+        config = validate_config({"input": {"path": "x.jsonl"}, "encoder": {"model": str(model_dir), **encoder}})
+        return resolve_job_config(config).stage_hashes()
+
+    default, off, passage = hashes(), hashes(prompt=""), hashes(prompt_name="passage")
+    assert len({default["tokens"], off["tokens"], passage["tokens"]}) == 3
+    assert hashes(prompt="query: ")["tokens"] == default["tokens"]  # the same prefix, however it was named

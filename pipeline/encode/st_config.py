@@ -232,7 +232,12 @@ def encoder_settings(encoder: EncoderConfig, st: STConfig) -> EncoderSettings:
 def model_st_config(config: JobConfig) -> STConfig:
     """The ST configuration of the job's encoder model; none when the model cannot be found here (the embed
     stage's own checks then say why, and a tokenize-only job does not need it)."""
-    from pipeline.encode.models import resolve_model_dir
+    from pipeline.tokenize.loading import resolve_alias
+
+    local = Path(resolve_alias(config.encoder.model))
+    if local.is_dir():  # an alias or a directory: found without importing torch (the tokenizer's path has none)
+        return read_st_config(local)
+    from pipeline.encode.models import resolve_model_dir  # any other name, as the embed stage resolves it
 
     try:
         model_dir = resolve_model_dir(config.encoder.model)
