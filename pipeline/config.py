@@ -110,10 +110,19 @@ class EncoderConfig(_Section):
     # Hub revision (branch, tag or commit; unset: main) of a model named by hub id (org/name), pinned to a
     # commit sha on the driver before any work (pipeline.hub.pin_revisions).
     revision: str | None = None
-    pooling: Literal["mean", "cls", "last", "none"] = "mean"
+    # auto: the model's sentence-transformers configuration (1_Pooling, Normalize), else mean / false.
+    # An explicit value wins; the log says when it overrides the model's (pipeline/encode/st_config.py).
+    pooling: Literal["auto", "mean", "cls", "last", "max", "weightedmean", "none"] = "auto"
     layer: int = -1
     final_layer_norm: bool | None = None
-    normalize: bool = False
+    normalize: bool | Literal["auto"] = "auto"
+    # A prefix added to every text before tokenization: one of the model's prompts by name, or literal
+    # (``prompt`` wins over ``prompt_name``, as in SentenceTransformer.encode). Neither: the model's
+    # default prompt, if it names one; ``prompt: ""`` turns that off.
+    prompt_name: str | None = None
+    prompt: str | None = None
+    # Matryoshka: keep the first truncate_dim dimensions (after any Dense), renormalized when normalize is on.
+    truncate_dim: int | None = Field(default=None, gt=0)
     use_attention_mask: bool = True
     # auto: bfloat16 on a GPU, float32 on a CPU (bfloat16 there too where asked: oneDNN's AVX512-BF16 / AMX kernels).
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
@@ -137,11 +146,16 @@ class EncoderConfig(_Section):
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        # A model that is no hub id dumps (and so hashes) as before revisions existed: its outputs stay its own.
+        # Unset, the revision (a model that is no hub id), prompt and Matryoshka keys are left out: jobs from
+        # before them dump (and so hash) as they did, so their outputs stay their own.
         data = handler(self)
-        if self.revision is None:
-            data.pop("revision", None)
+        for key in _UNSET_OMITTED:
+            if data.get(key) is None:
+                data.pop(key, None)
         return data
+
+
+_UNSET_OMITTED = ("revision", "prompt_name", "prompt", "truncate_dim")
 
 
 class RayConfig(_Section):
@@ -165,7 +179,11 @@ class JobConfig(_Section):
     ray: RayConfig = RayConfig()
 
     def output_hash(self) -> str:
-        """Hash of every setting that changes the output (not where it goes, not the cluster)."""
+        """Hash of every setting that changes the output (not where it goes, not the cluster).
+
+        Jobs hash the config resolved against the model (:func:`pipeline.encode.st_config.resolve_job_config`:
+        no ``auto`` left, the prompt as its text), so the hash says which pooling, normalization and prompt ran.
+        """
         relevant = self.model_dump(mode="json", exclude={"ray": True, "output": {"path"}})
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
@@ -175,6 +193,8 @@ class JobConfig(_Section):
         tokens = self.model_dump(mode="json", exclude={"ray": True, "output": {"path"}, "encoder": True})
         if self.tokenizer.name is None:  # the tokenizer is the encoder's own
             tokens["encoder_model"] = self.encoder.model
+        if self.encoder.prompt:  # the tokens begin with it (resolved: see pipeline.encode.st_config)
+            tokens["prompt"] = self.encoder.prompt
         digest = hashlib.sha256(json.dumps(tokens, sort_keys=True).encode()).hexdigest()
         encoder = json.dumps(self.encoder.model_dump(mode="json"), sort_keys=True)
         return {"tokens": digest, "embeddings": hashlib.sha256((digest + encoder).encode()).hexdigest()}

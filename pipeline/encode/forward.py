@@ -14,7 +14,10 @@ What a row's embedding is (DESIGN.md "Encoding semantics"):
   ``cls`` takes the first, ``last`` the last (right or left padding). ``none`` keeps every position:
   padded positions hold zeros when the mask is used (a batch is not computed out to the stored width,
   and a left pad has nothing to attend to), and the computed hidden states of the pad tokens when it
-  is not.
+  is not. ``max`` and ``weightedmean`` are sentence-transformers' (see :func:`pool`).
+- A sentence-transformers model's head runs after pooling (:func:`_head`; settings from
+  :mod:`pipeline.encode.st_config`): its Dense layers, then ``truncate_dim``, then the L2 normalization;
+  with ``include_prompt: false`` the prompt's first tokens are left out of pooling.
 - ``layer``: -1 the last layer, -2 the penultimate ("clip skip"), 0 the embedding layer's output
   (for CLIP and GPT-2 token plus position embeddings). ``final_layer_norm`` applies the norm that
   CLIP (``final_layer_norm``) and GPT-2 (``ln_f``) run after their last layer. Default (``None``):
@@ -46,6 +49,7 @@ import torch.nn.functional as F
 from pipeline.encode.device import DeviceSteps, device_steps, prefetch_to_device
 from pipeline.encode.models import family_of, final_norm, num_layers, position_limit
 from pipeline.encode.packed import packed_family, packed_hidden_states, pool_packed, segments
+from pipeline.encode.st_config import ACTIVATIONS, DenseLayer
 from pipeline.errors import ConfigError
 from pipeline.output.embedding_format import NUMPY_DTYPES, OutputDtype
 
@@ -53,8 +57,10 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from pipeline.config import EncoderConfig
+    from pipeline.encode.st_config import EncoderSettings
 
-Pooling = Literal["mean", "cls", "last", "none"]
+Pooling = Literal["mean", "cls", "last", "max", "weightedmean", "none"]
+POOLINGS = ("mean", "cls", "last", "max", "weightedmean", "none")
 TORCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Padded tokens per forward pass when encoder.max_tokens_per_batch is unset. On CPU a 16k-token
 # batch of MiniLM ran ~10% slower per token than 2k-token batches (measured on 2 cores). A GPU needs
@@ -77,17 +83,38 @@ class EncodeOptions:
     output_dtype: OutputDtype = "float32"
     max_tokens_per_batch: int = 16_384
     packed: bool = False  # run batches unpadded where the model allows (see pipeline.encode.packed)
+    # A sentence-transformers model's head, after pooling (pipeline.encode.st_config): Dense projections,
+    # then the first truncate_dim dimensions (Matryoshka), then normalize. prompt_tokens: the first real
+    # tokens of each row left out of pooling (include_prompt false); 0: none.
+    dense: tuple[DenseLayer, ...] = ()
+    truncate_dim: int | None = None
+    prompt_tokens: int = 0
 
     @classmethod
-    def from_config(cls, encoder: EncoderConfig, device: str = "cuda") -> EncodeOptions:
-        """The options of a validated ``encoder`` config section, for ``device`` ("cpu" or "cuda")."""
+    def from_config(cls, encoder: EncoderConfig, device: str = "cuda", settings: EncoderSettings | None = None,
+                    prompt_tokens: int = 0) -> EncodeOptions:
+        """The options of a validated ``encoder`` config section, for ``device`` ("cpu" or "cuda").
+
+        ``settings``: the section resolved against the model (pooling, normalize, Dense layers, include_prompt);
+        without them ``auto`` means mean / false. ``prompt_tokens``: the prompt's length in tokens (used when
+        the model's pooling leaves the prompt out).
+        """
+        pooling = settings.pooling if settings else ("mean" if encoder.pooling == "auto" else encoder.pooling)
+        normalize = settings.normalize if settings else encoder.normalize is True
+        excluded = prompt_tokens if settings and not settings.include_prompt else 0
         return cls(
-            pooling=encoder.pooling, layer=encoder.layer, final_layer_norm=encoder.final_layer_norm,
-            normalize=encoder.normalize, use_attention_mask=encoder.use_attention_mask,
+            pooling=pooling, layer=encoder.layer, final_layer_norm=encoder.final_layer_norm,
+            normalize=normalize, use_attention_mask=encoder.use_attention_mask,
             dtype=TORCH_DTYPES[resolve_dtype(encoder.dtype, device)], output_dtype=encoder.output_dtype,
             max_tokens_per_batch=encoder.max_tokens_per_batch or DEFAULT_TOKENS_PER_BATCH[device],
-            packed=encoder.packed,
+            packed=encoder.packed, dense=settings.dense if settings else (), truncate_dim=encoder.truncate_dim,
+            prompt_tokens=excluded,
         )
+
+    def output_dim(self, hidden_size: int) -> int:
+        """D of the stored vectors for a model of ``hidden_size``: after the Dense layers and truncate_dim."""
+        dim = self.dense[-1].out_features if self.dense and self.pooling != "none" else hidden_size
+        return min(dim, self.truncate_dim) if self.truncate_dim else dim
 
 
 def resolve_dtype(dtype: str, device: str) -> str:
@@ -153,8 +180,9 @@ def check_options(model: torch.nn.Module, options: EncodeOptions) -> None:
         ConfigError: an unknown pooling or output dtype, a layer the model does not have, a final layer norm
             the model does not have, a non-positive token budget, or a model loaded in another dtype.
     """
-    if options.pooling not in ("mean", "cls", "last", "none"):
-        raise ConfigError(f"encoder.pooling: {options.pooling!r} is not one of mean, cls, last, none")
+    if options.pooling not in POOLINGS:
+        raise ConfigError(f"encoder.pooling: {options.pooling!r} is not one of {', '.join(POOLINGS)}")
+    check_head(options, int(model.config.hidden_size))
     if options.output_dtype not in NUMPY_DTYPES:
         raise ConfigError(f"encoder.output_dtype: {options.output_dtype!r} is not one of {', '.join(NUMPY_DTYPES)}")
     if options.max_tokens_per_batch <= 0:
@@ -170,6 +198,27 @@ def check_options(model: torch.nn.Module, options: EncodeOptions) -> None:
     model_dtype = next(model.parameters()).dtype
     if model_dtype != options.dtype:
         raise ConfigError(f"encoder.dtype: the model was loaded as {model_dtype}, the options ask for {options.dtype}")
+
+
+def check_head(options: EncodeOptions, hidden_size: int) -> None:
+    """Check the Dense layers and truncate_dim against the model's hidden size.
+
+    Raises:
+        ConfigError: a Dense layer's input does not fit the vector before it; truncate_dim with per-token
+            output, or larger than the vector.
+    """
+    dim = hidden_size
+    for layer in options.dense if options.pooling != "none" else ():
+        if layer.in_features != dim:
+            raise ConfigError(f"encoder.model: its Dense layer {layer.weights} takes {layer.in_features} inputs, "
+                              f"but the vector before it has {dim}")
+        dim = layer.out_features
+    if options.truncate_dim is not None:
+        if options.pooling == "none":
+            raise ConfigError("encoder.truncate_dim: applies to pooled vectors, not to pooling 'none'")
+        if options.truncate_dim > dim:
+            raise ConfigError(f"encoder.truncate_dim: {options.truncate_dim} is more than the {dim} dimensions "
+                              "of the model's vectors")
 
 
 def padded_width(length: int, multiple: int = WIDTH_MULTIPLE, max_width: int | None = None) -> int:
@@ -323,7 +372,7 @@ def encode_rows(
                  full_width=not options.use_attention_mask)
     cap = min(rows.width, position_limit(model)) if rows.padded else position_limit(model)
     lengths = rows.compute_lengths()
-    dim = int(model.config.hidden_size)
+    dim = options.output_dim(int(model.config.hidden_size))
     shape = (len(lengths), rows.width, dim) if options.pooling == "none" else (len(lengths), dim)
     out = np.zeros(shape, dtype=NUMPY_DTYPES[options.output_dtype])
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -421,8 +470,7 @@ def _encode_with_backoff(model, batch: dict[str, torch.Tensor], forward: _Forwar
 def _encode_batch(model, batch: dict[str, torch.Tensor], forward: _Forward, rows: _Rows) -> torch.Tensor:
     options, full_width = forward.options, rows.full_width
     if forward.packed is not None and not full_width:
-        pooled = _encode_packed(model, batch, forward)
-        return F.normalize(pooled, dim=-1) if options.normalize else pooled
+        return _head(_encode_packed(model, batch, forward), options)
     mask = batch["mask"]
     inputs = {"input_ids": batch["input_ids"]}
     if not full_width:  # the model sees the mask, or only padding embedpipe added to unpadded rows
@@ -436,8 +484,40 @@ def _encode_batch(model, batch: dict[str, torch.Tensor], forward: _Forward, rows
     if options.pooling == "none":
         pooled = hidden if full_width else hidden.masked_fill(~keep[..., None], 0.0)
     else:
-        pooled = pool(hidden, keep, options.pooling)
+        pooled = pool(hidden, keep, options.pooling, options.prompt_tokens)
+    return _head(pooled, options)
+
+
+def _head(pooled: torch.Tensor, options: EncodeOptions) -> torch.Tensor:
+    """What a sentence-transformers model runs after pooling: its Dense layers, then truncate_dim (as
+    ``SentenceTransformer(truncate_dim=...)``, after every module), then the L2 normalization.
+
+    With ``normalize`` on, the vector is normalized after truncation: ``encode(normalize_embeddings=True)``,
+    which for a model ending in Normalize renormalizes the truncated unit vector (ST's own output without
+    ``normalize_embeddings`` is that truncated vector, of norm below 1: the same direction).
+    """
+    if options.pooling != "none":
+        for layer in _dense_modules(options.dense, pooled.device):
+            pooled = layer(pooled)
+        if options.truncate_dim is not None:
+            pooled = pooled[..., :options.truncate_dim]
     return F.normalize(pooled, dim=-1) if options.normalize else pooled
+
+
+@functools.lru_cache(maxsize=8)
+def _dense_modules(layers: tuple[DenseLayer, ...], device: torch.device) -> tuple[torch.nn.Module, ...]:
+    """The Dense layers as float32 torch modules on ``device``, their weights read once per process."""
+    from safetensors.torch import load_file
+
+    modules = []
+    for layer in layers:
+        weights = load_file(layer.weights)
+        linear = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias)
+        linear.load_state_dict({k.removeprefix("linear."): v for k, v in weights.items() if k.startswith("linear.")})
+        if layer.activation not in ACTIVATIONS:  # read_st_config admits no other; a spec built by hand might
+            raise ConfigError(f"encoder.model: Dense activation {layer.activation!r} is not one of {ACTIVATIONS}")
+        modules.append(torch.nn.Sequential(linear, getattr(torch.nn, layer.activation)()).float().to(device).eval())
+    return tuple(modules)
 
 
 def _encode_packed(model, batch: dict[str, torch.Tensor], forward: _Forward) -> torch.Tensor:
@@ -449,11 +529,13 @@ def _encode_packed(model, batch: dict[str, torch.Tensor], forward: _Forward) -> 
     type_ids = batch["token_type_ids"][keep] if forward.token_type_ids and "token_type_ids" in batch else None
     hidden = packed_hidden_states(model, batch["input_ids"][keep], seqs, positions, type_ids, forward.layer,
                                   forward.apply_norm).float()
-    if forward.options.pooling != "none":
-        return pool_packed(hidden, seqs.cu_seqlens, forward.options.pooling)
+    options = forward.options
+    if options.pooling in ("mean", "cls", "last") and not options.prompt_tokens:
+        return pool_packed(hidden, seqs.cu_seqlens, options.pooling)
     out = hidden.new_zeros(*keep.shape, hidden.shape[-1])
     out[keep] = hidden
-    return out
+    # The other poolings read the rows laid out again: one pooling code, the padded forward's.
+    return out if options.pooling == "none" else pool(out, keep, options.pooling, options.prompt_tokens)
 
 
 def _hidden_states(model, inputs: dict[str, torch.Tensor], forward: _Forward) -> torch.Tensor:
@@ -473,13 +555,28 @@ def _hidden_states(model, inputs: dict[str, torch.Tensor], forward: _Forward) ->
     return captured[0]
 
 
-def pool(hidden: torch.Tensor, keep: torch.Tensor, pooling: Pooling) -> torch.Tensor:
-    """Pool (B, W, D) hidden states over the real positions ``keep`` (B, W); rows with none pool to zeros."""
+def pool(hidden: torch.Tensor, keep: torch.Tensor, pooling: Pooling, prompt_tokens: int = 0) -> torch.Tensor:
+    """Pool (B, W, D) hidden states over the real positions ``keep`` (B, W); rows with none pool to zeros.
+
+    As sentence-transformers' Pooling: ``max`` over the real positions; ``weightedmean`` weights the k-th
+    real token by k (1, 2, ...). ``prompt_tokens``: the first real tokens of each row (the prompt) are left
+    out, and the others keep their weights.
+    """
+    rank = keep.cumsum(dim=1)  # 1-based position among the row's real tokens (either padding side)
+    if prompt_tokens:
+        keep = keep & (rank > prompt_tokens)
     any_real = keep.any(dim=1, keepdim=True)
     if pooling == "mean":
         # masked_fill, not a multiply: a NaN at a padded position must not leak into the sum.
         summed = hidden.masked_fill(~keep[..., None], 0.0).sum(dim=1)
         return summed / keep.sum(dim=1, keepdim=True).clamp(min=1)
+    if pooling == "max":
+        top = hidden.masked_fill(~keep[..., None], float("-inf")).max(dim=1).values
+        return top.masked_fill(~any_real, 0.0)
+    if pooling == "weightedmean":
+        weights = (rank * keep).to(hidden.dtype)[..., None]
+        summed = (hidden.masked_fill(~keep[..., None], 0.0) * weights).sum(dim=1)
+        return summed / weights.sum(dim=1).clamp(min=1)
     width = keep.shape[1]
     if pooling == "cls":
         position = keep.int().argmax(dim=1)

@@ -47,7 +47,7 @@ class EmbedSpec:
     trust_remote_code: bool
     padding_side: str
     seq_len: int | None  # stored row width for per-token output (pooling none), else None
-    hidden_size: int  # D of the stored vectors, from the model's config
+    hidden_size: int  # D of the stored vectors: the model's hidden size, or its last Dense's, or truncate_dim
     num_threads: int | None = None  # torch CPU threads; None leaves torch's default
     cpu_linear: str = "onednn"  # "onednn": pack float32 linear layers for oneDNN on CPU; "torch": leave them
     tf32: bool = False  # CUDA float32 matmuls on TF32 tensor cores (faster, ~1e-3 relative error)
@@ -241,8 +241,9 @@ def plan_embed(config: Any, tokenize_spec: Any, device: str, num_threads: int | 
             vocabulary does not fit its embedding table, the layer is out of range, or per-token output is
             asked of rows that have no fixed width.
     """
-    from pipeline.encode.forward import EncodeOptions
+    from pipeline.encode.forward import EncodeOptions, check_head
     from pipeline.encode.models import check_model_dir, locate_model, text_config
+    from pipeline.encode.st_config import encoder_settings, read_st_config
     from pipeline.errors import ConfigError
 
     enc = config.encoder
@@ -264,15 +265,20 @@ def plan_embed(config: Any, tokenize_spec: Any, device: str, num_threads: int | 
     if not tokenize_spec.truncation or (tokenize_spec.max_length or 0) > positions:
         raise ConfigError(f"tokenizer.max_length: encoder.model {enc.model!r} reads at most {positions} tokens a row; "
                           f"set tokenizer.truncation: true and max_length <= {positions}")
-    if enc.pooling == "none" and tokenize_spec.fixed_width is None:
+    settings = encoder_settings(enc, read_st_config(model_dir))
+    if settings.pooling == "none" and tokenize_spec.fixed_width is None:
         raise ConfigError("encoder.pooling: 'none' (per-token output) needs rows of one width: "
                           "tokenizer.padding: max_length with truncation: true")
-    options = EncodeOptions.from_config(enc, device)
+    if (tokenize_spec.prompt or None) != settings.prompt:  # the tokens were made for another prompt
+        raise ConfigError(f"encoder.prompt: the tokens begin with {tokenize_spec.prompt!r} but the encoder's "
+                          f"prompt is {settings.prompt!r}")
+    options = EncodeOptions.from_config(enc, device, settings, tokenize_spec.prompt_tokens)
+    check_head(options, int(text.hidden_size))
     return EmbedSpec(
         model_dir=str(model_dir), options=options, device=device,
         allow_pickle=enc.allow_pickle, trust_remote_code=enc.trust_remote_code,
         padding_side=tokenize_spec.padding_side, seq_len=tokenize_spec.fixed_width,
-        hidden_size=int(text.hidden_size), num_threads=num_threads,
+        hidden_size=options.output_dim(int(text.hidden_size)), num_threads=num_threads,
         cpu_linear=enc.cpu_linear, tf32=enc.tf32, piece_rows=enc.piece_rows or DEFAULT_PIECE_ROWS[device],
         hub_model=source.hub,
     )

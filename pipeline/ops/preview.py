@@ -84,7 +84,10 @@ def _sample_lengths(config: JobConfig, spec: Any, units: list[Any]) -> tuple[np.
 
 def preview_job(config: JobConfig, stages: tuple[str, ...]) -> PlanPreview:
     """Plan ``config``'s job and estimate it (see the module docstring); writes nothing."""
+    from pipeline.encode.st_config import resolve_job_config
+
     config, models = pin_revisions(config)
+    config = resolve_job_config(config)  # as a run resolves it: the rerun outcome compares config hashes
     found = find_inputs(config.input.path, config.input.format, exclude=config.output.path)
     files = found.files
     check_columns(files, config.input.text_column, config.input.id_column)

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pipeline.config import JobConfig
+from pipeline.encode.st_config import resolve_job_config
 from pipeline.encode.stage import embedding_schema
 from pipeline.errors import Interrupted
 from pipeline.faults import fault_point
@@ -49,6 +50,14 @@ _DRIVER_RETRIES = 3
 _RETRY = object()
 
 
+def _resolve_and_load_spec(config: JobConfig) -> tuple[JobConfig, TokenizeSpec]:
+    """The config resolved against the model (pooling, normalize, prompt, max_seq_length: see
+    :func:`pipeline.encode.st_config.resolve_job_config`; what the manifest records and the config hash
+    covers), and its tokenize spec."""
+    config = resolve_job_config(config)
+    return config, load_tokenize_spec(config)
+
+
 def run_job(config: JobConfig, *, stages: tuple[str, ...] = STAGES, force: bool = False,
             progress: ProgressCallback | None = None, grace: float = DEFAULT_GRACE) -> dict[str, StageResult]:
     """Run ``stages`` of the job (tokenize, embed, or both overlapping) and return each stage's result.
@@ -70,7 +79,7 @@ def _run_job(config: JobConfig, stages: tuple[str, ...], force: bool, progress: 
     config, models = pin_revisions(config)  # hub ids -> commits, before any work: every later load sees those
     out_dir = output_path(config.output.path)
     with ThreadPoolExecutor(max_workers=1) as pool:
-        spec_future = pool.submit(load_tokenize_spec, config)  # seconds for some tokenizers: overlap it
+        spec_future = pool.submit(_resolve_and_load_spec, config)  # seconds for some tokenizers: overlap it
         files = discover(config.input.path, config.input.format, exclude=config.output.path)
         check_columns(files, config.input.text_column, config.input.id_column)
         check_output_directory(out_dir, force)
@@ -92,7 +101,7 @@ def _run_job(config: JobConfig, stages: tuple[str, ...], force: bool, progress: 
                          extra={"fields": {"event": "increment", **plan.increment}})
             with engine_session(config, len(plan.units) if TOKENS in stages else 1) as engine:
                 install(stop)  # again: ray.init may set handlers of its own
-                spec = spec_future.result()
+                config, spec = spec_future.result()  # from here on, the config resolved against the model
                 # Every check that can refuse the job runs before the output is touched (--force deletes).
                 encoders = plan_encoders(config, spec, engine.resources()) if EMBEDDINGS in stages else None
                 fresh = new_manifest(config, files, plan.units, spec.tokenizer_sha256, plan.names, models)

@@ -57,6 +57,12 @@ class TokenizeSpec:
     pack: bool = False
     pack_separator_id: int | None = None
     pack_remainder: Literal["pad", "drop"] = "pad"
+    # The encoder's prompt (pipeline.encode.st_config): prefixed to every text before tokenization, so
+    # truncation cuts prompt + text to max_length as sentence-transformers does. prompt_tokens: its length
+    # as sentence-transformers counts it (the prompt tokenized alone, less a trailing special token), what
+    # a model with include_prompt false leaves out of pooling.
+    prompt: str | None = None
+    prompt_tokens: int = 0
 
     @property
     def tokenizer_sha256(self) -> str:
@@ -162,6 +168,8 @@ def _cut_rows(spec: TokenizeSpec, encodings: list[Encoding]) -> tuple[list[list[
 def tokenize_texts(spec: TokenizeSpec, ids: list[str], texts: list[str]) -> TokenRows:
     """Tokenize ``texts`` with truncation (and chunking if ``spec.stride`` is set), unpadded."""
     tokenizer = get_tokenizer(spec)
+    if spec.prompt:
+        texts = [spec.prompt + text for text in texts]
     encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=spec.add_special_tokens)
     if spec.cuts_rows_itself:
         id_lists, type_lists, untruncated = _cut_rows(spec, encodings)

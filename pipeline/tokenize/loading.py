@@ -154,6 +154,37 @@ def _model_max_length(hf: TokenizerSettings, name: str) -> int:
     return int(model_max)
 
 
+def _lowercasing(tokenizer_json: str) -> str:
+    """The tokenizer with a Lowercase normalizer first, as sentence-transformers' ``do_lower_case`` sets it
+    (unless the normalizer already is, or holds, a Lowercase)."""
+    from tokenizers import Tokenizer
+    from tokenizers.normalizers import Lowercase, Sequence
+
+    tokenizer = Tokenizer.from_str(tokenizer_json)
+    current = tokenizer.normalizer
+    if isinstance(current, Lowercase) or (isinstance(current, Sequence) and any(isinstance(n, Lowercase)
+                                                                                  for n in current)):
+        return tokenizer_json
+    rest = list(current) if isinstance(current, Sequence) else [] if current is None else [current]
+    tokenizer.normalizer = Sequence([Lowercase(), *rest])
+    return tokenizer.to_str()
+
+
+def _prompt_tokens(tokenizer_json: str, prompt: str, max_length: int | None, add_special_tokens: bool) -> int:
+    """The prompt's length in tokens as sentence-transformers counts it for ``include_prompt: false``: the
+    prompt tokenized alone (truncated like a text), less a trailing special token (SEP, EOS)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_str(tokenizer_json)
+    tokenizer.no_padding()
+    if max_length is not None:
+        tokenizer.enable_truncation(max_length)
+    ids = tokenizer.encode(prompt, add_special_tokens=add_special_tokens).ids
+    # transformers' all_special_ids: the special tokens, which the backend marks as such among its added ones.
+    special = {i for i, token in tokenizer.get_added_tokens_decoder().items() if token.special}
+    return len(ids) - 1 if ids and ids[-1] in special else len(ids)
+
+
 def _token_id(hf: TokenizerSettings, token: str, key: str, name: str) -> int:
     token_id = hf.backend_tokenizer.token_to_id(token)
     if token_id is None:
@@ -213,7 +244,15 @@ def load_tokenize_spec(config: JobConfig) -> TokenizeSpec:
 
     if opts.pack:
         return _pack_spec(config, hf, name, tokenizer_json)
+    from pipeline.encode.st_config import encoder_settings, model_st_config, tokenizer_is_the_encoders
+
+    st = model_st_config(config)
+    prompt = encoder_settings(config.encoder, st).prompt
     max_length = opts.max_length
+    if tokenizer_is_the_encoders(config):  # sentence_bert_config.json's settings of the model's own tokenizer
+        max_length = st.max_seq_length if max_length is None else max_length  # what ST truncates to
+        if st.do_lower_case:
+            tokenizer_json = _lowercasing(tokenizer_json)
     if max_length is None and (opts.truncation or opts.padding == "max_length"):
         max_length = _model_max_length(hf, name)
 
@@ -237,8 +276,13 @@ def load_tokenize_spec(config: JobConfig) -> TokenizeSpec:
             f"tokenizer.stride: {opts.stride} must be smaller than max_length {max_length} "
             f"minus the {num_special} special tokens"
         )
+    if prompt and opts.stride is not None:
+        raise ConfigError("encoder.prompt: a prompt begins only the first window of a chunked text; "
+                          "unset tokenizer.stride or the prompt (encoder.prompt: \"\" turns a model's default off)")
     vocab_size = hf.backend_tokenizer.get_vocab_size(with_added_tokens=True)
     return TokenizeSpec(
+        prompt=prompt,
+        prompt_tokens=_prompt_tokens(tokenizer_json, prompt, max_length, opts.add_special_tokens) if prompt else 0,
         tokenizer_json=tokenizer_json,
         max_length=max_length,
         padding=opts.padding,
