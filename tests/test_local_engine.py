@@ -110,8 +110,8 @@ def test_shutdown_leaves_no_worker_behind(engine):
     busy = engine.submit(engine_tasks.stamp, 30, num_cpus=1)  # still running at shutdown
     engine.get(engine.call(actor, "bump", 1))
     engine.wait([busy], timeout=0.2)
-    pids = [p.pid for p in psutil.Process().children()]
-    assert len(pids) >= 2
+    pids = [w.process.pid for w in engine._workers]
+    assert len(pids) >= 2 and all(psutil.Process(pid).ppid() == os.getpid() for pid in pids)
     engine.shutdown()
     assert not [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
 
