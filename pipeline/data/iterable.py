@@ -42,7 +42,8 @@ class StreamingDataset(IterableDataset):
 
     Args:
         out_dir: the output directory: a local path (memory-mapped) or an fsspec URL (shards fetched whole).
-        stages, columns, format, token_dtype, allow_incomplete: as for :class:`ShardDataset`.
+        stages, columns, format, token_dtype, allow_incomplete, unpack_bits, dequantize: as for
+            :class:`ShardDataset`.
         batch_size: rows per batch (the last batch of a rank may be smaller unless ``drop_last``).
         shuffle: shuffle shard order and the rows within each block of ``block_shards`` shards.
         seed: with the epoch, fixes the order (the same on every rank and every run).
@@ -57,13 +58,15 @@ class StreamingDataset(IterableDataset):
                  *, batch_size: int, shuffle: bool = True, seed: int = 0, block_shards: int = 1,
                  drop_last: bool = False, rank: int | None = None, world_size: int | None = None,
                  format: Format = "torch", token_dtype: TokenDtype = "int64", allow_incomplete: bool = False,
-                 storage_options: dict[str, Any] | None = None) -> None:
+                 storage_options: dict[str, Any] | None = None, unpack_bits: bool = False,
+                 dequantize: bool = False) -> None:
         distributed = dist.is_available() and dist.is_initialized()
         self.rank = rank if rank is not None else (dist.get_rank() if distributed else 0)
         self.world_size = world_size if world_size is not None else (dist.get_world_size() if distributed else 1)
         # A block being read and the next one a batch may reach into: both stay open, nothing else.
         self.reader = OutputReader(out_dir, stages, columns, format=format, token_dtype=token_dtype,
                                    allow_incomplete=allow_incomplete, storage_options=storage_options,
+                                   unpack_bits=unpack_bits, dequantize=dequantize,
                                    max_open_shards=2 * block_shards)
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.block_shards, self.drop_last = block_shards, drop_last

@@ -28,13 +28,18 @@ class ShardDataset(Dataset):
         format: ``"torch"`` tensors or ``"numpy"`` arrays (bfloat16 embeddings: uint16 bit patterns).
         token_dtype: ``"int64"`` (what models take) or ``"stored"`` (uint16/int32 ids, int8 masks).
         allow_incomplete: read the committed shards of a stage that is not complete.
+        unpack_bits: binary / ubinary embeddings as (D,) uint8 bits 0/1 instead of their packed (D/8,) bytes.
+        dequantize: quantized embeddings as approximate float32 (int8 / uint8 through the shard's calibration
+            ranges, binary / ubinary bits as -1 / +1); default: as stored (int8 / uint8 values, packed bytes).
     """
 
     def __init__(self, out_dir: str, stages: str | tuple[str, ...] = "tokens", columns: list[str] | None = None,
                  *, format: Format = "torch", token_dtype: TokenDtype = "int64", allow_incomplete: bool = False,
-                 storage_options: dict[str, Any] | None = None) -> None:
+                 storage_options: dict[str, Any] | None = None, unpack_bits: bool = False,
+                 dequantize: bool = False) -> None:
         self.reader = OutputReader(out_dir, stages, columns, format=format, token_dtype=token_dtype,
-                                   allow_incomplete=allow_incomplete, storage_options=storage_options)
+                                   allow_incomplete=allow_incomplete, storage_options=storage_options,
+                                   unpack_bits=unpack_bits, dequantize=dequantize)
 
     @property
     def columns(self) -> list[str]:

@@ -13,7 +13,8 @@ import torch
 from pipeline.data.batch import Batch
 from pipeline.data.columns import Column, ColumnSpec, Ragged, ShardReader, select_columns
 from pipeline.data.layout import DataError, Output, filesystem, open_output, shard_buffer
-from pipeline.output.embedding_format import arrow_to_numpy, field_dims
+from pipeline.output.embedding_format import arrow_to_numpy, decode_embeddings, field_dims
+from pipeline.output.quantize import BINARY, SCALAR
 
 Format = Literal["torch", "numpy"]
 TokenDtype = Literal["int64", "stored"]
@@ -32,7 +33,8 @@ class OutputReader:
 
     def __init__(self, out_dir: str, stages: str | tuple[str, ...] = "tokens", columns: list[str] | None = None,
                  *, format: Format = "torch", token_dtype: TokenDtype = "int64", allow_incomplete: bool = False,
-                 storage_options: dict[str, Any] | None = None, max_open_shards: int | None = None) -> None:
+                 storage_options: dict[str, Any] | None = None, max_open_shards: int | None = None,
+                 unpack_bits: bool = False, dequantize: bool = False) -> None:
         if format not in ("torch", "numpy"):
             raise DataError(f"format: {format!r}; choose 'torch' or 'numpy'")
         if token_dtype not in ("int64", "stored"):
@@ -41,6 +43,11 @@ class OutputReader:
                                           storage_options=storage_options)
         self.specs: dict[str, ColumnSpec] = select_columns(self.output.schemas, columns)
         self.format, self.token_dtype, self.max_open_shards = format, token_dtype, max_open_shards
+        # Quantized embedding columns decoded on the way out (see decode_embeddings): name -> its field.
+        self.unpack_bits, self.dequantize = unpack_bits, dequantize
+        self._decoded = {name: self.output.schemas[spec.stage].field(name) for name, spec in self.specs.items()
+                         if (spec.stored in BINARY and (unpack_bits or dequantize))
+                         or (spec.stored in SCALAR and dequantize)}
         self.shard_rows = np.array([s.rows for s in self.output.shards], dtype=np.int64)
         self.shard_starts = np.concatenate(([0], np.cumsum(self.shard_rows)))
         self._open: OrderedDict[int, ShardReader] = OrderedDict()
@@ -106,6 +113,8 @@ class OutputReader:
         for name, value in out.items():
             if isinstance(value, Ragged):
                 out[name] = value.astype(self.delivered_dtype(self.specs[name]), copy=False)
+        for name, field in self._decoded.items():
+            out[name] = decode_embeddings(out[name], field, unpack=self.unpack_bits, to_float=self.dequantize)
         return {name: out[name] for name in self.specs}
 
     def format_batch(self, columns: dict[str, Column]) -> Batch:
@@ -113,7 +122,7 @@ class OutputReader:
         out = Batch()
         for name, value in columns.items():
             if self.format == "torch" and isinstance(value, np.ndarray):
-                value = to_tensor(value, self.specs[name].stored)
+                value = to_tensor(value, None if name in self._decoded else self.specs[name].stored)
             out[name] = value
         return out
 

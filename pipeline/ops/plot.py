@@ -20,7 +20,9 @@ import numpy as np
 from pipeline.errors import ConfigError
 from pipeline.ops import PLOT_LABELS, PLOT_SAMPLE
 from pipeline.ops.plot_render import find_fonts, label_text, render
+from pipeline.output.embedding_format import arrow_to_numpy, decode_embeddings, field_dims
 from pipeline.output.manifest import load_manifest
+from pipeline.output.quantize import QUANTIZED
 from pipeline.output.shards import read_shard
 from pipeline.output.storage import output_path
 
@@ -130,7 +132,11 @@ def _pooled(table: Any, tokens: Any) -> tuple[list[np.ndarray], bool]:
     vectors, unmasked = [], False
     for at in range(0, table.num_rows, POOL_ROWS):
         part = table.slice(at, POOL_ROWS)
-        emb = arrow_to_tensor(part.column("embedding"), part.schema.field("embedding")).float().numpy()
+        column = part.schema.field("embedding")
+        if field_dims(column)[1] in QUANTIZED:  # int8 / uint8 through their ranges, bits as -1 / +1
+            emb = decode_embeddings(arrow_to_numpy(part.column("embedding"), column), column, to_float=True)
+        else:
+            emb = arrow_to_tensor(part.column("embedding"), column).float().numpy()
         if emb.ndim == 3 and masked:
             mask = np.asarray(tokens.column("attention_mask").slice(at, POOL_ROWS).to_pylist(), np.float32)[..., None]
             emb = (emb * mask).sum(1) / np.maximum(mask.sum(1), 1.0)

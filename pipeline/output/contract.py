@@ -26,6 +26,10 @@ DATASET_STATE_NAME = "state.json"
 """The two ``datasets`` metadata files of a complete stage folder."""
 DTYPE_METADATA_KEY = b"embedpipe.dtype"
 """Field metadata of an embedding column naming its stored dtype (bfloat16 is stored as uint16 bits)."""
+DIM_METADATA_KEY = b"embedpipe.dim"
+"""Field metadata of a binary / ubinary embedding column: D, the bits packed 8 per byte in each row."""
+RANGES_METADATA_KEY = b"embedpipe.quantize_ranges"
+"""Field metadata of an int8 / uint8 embedding column: its (2, D) calibration ranges as JSON (min row, max row)."""
 
 
 # What embedpipe writes inside each folder, by name: the rule for what --force may remove.
