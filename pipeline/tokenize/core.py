@@ -63,6 +63,9 @@ class TokenizeSpec:
     # a model with include_prompt false leaves out of pooling.
     prompt: str | None = None
     prompt_tokens: int = 0
+    # Characters of each text kept before tokenizing (model2vec cuts texts to max_length x its median token
+    # length first; pipeline.tokenize.static_models). None: the whole text.
+    max_chars: int | None = None
 
     @property
     def tokenizer_sha256(self) -> str:
@@ -170,6 +173,8 @@ def tokenize_texts(spec: TokenizeSpec, ids: list[str], texts: list[str]) -> Toke
     tokenizer = get_tokenizer(spec)
     if spec.prompt:
         texts = [spec.prompt + text for text in texts]
+    if spec.max_chars is not None:
+        texts = [text[:spec.max_chars] for text in texts]
     encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=spec.add_special_tokens)
     if spec.cuts_rows_itself:
         id_lists, type_lists, untruncated = _cut_rows(spec, encodings)

@@ -20,6 +20,7 @@ from pipeline.errors import ConfigError
 from pipeline.hub import fetch_tokenizer, is_hub_id, resolve_commit, tokenizer_source
 from pipeline.tokenize.core import TokenizeSpec
 from pipeline.tokenize.settings import TokenizerSettings, cached_settings
+from pipeline.tokenize.static_models import static_model_files, static_tokenizer_defaults
 
 # transformers' placeholder model_max_length for "no limit known" (int(1e30)).
 _PLACEHOLDER_MAX_LENGTH = int(1e29)
@@ -239,6 +240,16 @@ def load_tokenize_spec(config: JobConfig) -> TokenizeSpec:
     """
     opts = config.tokenizer
     name, revision, key = tokenizer_source(config)
+    static = None if opts.pack else static_model_files(resolve_alias(config.encoder.model))
+    max_chars = None
+    if static is not None:  # tokenize as the static model's library does, unless tokenizer.* says otherwise
+        defaults = static_tokenizer_defaults(static)
+        chars_per_token = defaults.pop("chars_per_token", None)
+        opts = opts.model_copy(update={k: v for k, v in defaults.items() if k not in opts.model_fields_set})
+        if chars_per_token and opts.truncation and opts.max_length:  # model2vec's cut, before tokenizing
+            max_chars = opts.max_length * chars_per_token
+        if not config.tokenizer.name:  # a local static model: its tokenizer.json (a subfolder's, for ST)
+            name, revision = str(static.tokenizer_file), None
     hf = tokenizer_settings(name, key, revision)
     tokenizer_json = hf.tokenizer_json
 
@@ -298,4 +309,5 @@ def load_tokenize_spec(config: JobConfig) -> TokenizeSpec:
         single_type_ids_zero=_single_type_ids_zero(tokenizer_json),
         special_tokens_around=_special_tokens_around(tokenizer_json, opts.add_special_tokens, num_special),
         vocab_size=vocab_size,
+        max_chars=max_chars,
     )
