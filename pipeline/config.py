@@ -131,7 +131,13 @@ class EncoderConfig(_Section):
     # Run each batch unpadded: its rows' real tokens in one sequence, attention kept within each row
     # (pipeline/encode/packed.py: BERT family, CLIP text, GPT-2; other models run padded, and the log says so).
     packed: bool = False
-    output_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    # float32 | float16 | bfloat16, or quantized as sentence-transformers' quantize_embeddings: int8 | uint8
+    # (per-dimension ranges) | binary | ubinary (bits packed 8 per byte); see pipeline/output/quantize.py.
+    output_dtype: Literal["float32", "float16", "bfloat16", "int8", "uint8", "binary", "ubinary"] = "float32"
+    # int8 / uint8: a .npy file of (2, D) floats (per-dimension minima, then maxima); null: calibrated from
+    # the first calibration_rows rows of the job's first token shard, and recorded in the manifest.
+    quantize_ranges: str | None = None
+    calibration_rows: int = Field(default=1000, ge=2)
     # Unset: 65536 on a GPU; 2048 on a CPU, where big batches run ~10% slower per token (cache misses).
     max_tokens_per_batch: int | None = Field(default=None, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -146,9 +152,12 @@ class EncoderConfig(_Section):
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        # Unset, the revision (a model that is no hub id), prompt and Matryoshka keys are left out: jobs from
-        # before them dump (and so hash) as they did, so their outputs stay their own.
+        # Unset, the revision (a model that is no hub id), prompt and Matryoshka keys are left out, and the
+        # quantization keys unless the output is int8 / uint8: jobs from before them dump (and so hash) as they
+        # did, so their outputs stay their own.
         data = handler(self)
+        for key in _QUANTIZE_KEYS if self.output_dtype not in ("int8", "uint8") else ():
+            data.pop(key, None)
         for key in _UNSET_OMITTED:
             if data.get(key) is None:
                 data.pop(key, None)
@@ -156,6 +165,7 @@ class EncoderConfig(_Section):
 
 
 _UNSET_OMITTED = ("revision", "prompt_name", "prompt", "truncate_dim")
+_QUANTIZE_KEYS = ("quantize_ranges", "calibration_rows")
 
 
 class RayConfig(_Section):

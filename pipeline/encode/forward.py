@@ -51,7 +51,7 @@ from pipeline.encode.models import family_of, final_norm, num_layers, position_l
 from pipeline.encode.packed import packed_family, packed_hidden_states, pool_packed, segments
 from pipeline.encode.st_config import ACTIVATIONS, DenseLayer
 from pipeline.errors import ConfigError
-from pipeline.output.embedding_format import NUMPY_DTYPES, OutputDtype
+from pipeline.output.embedding_format import FLOAT_DTYPES, NUMPY_DTYPES, OutputDtype
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -105,7 +105,9 @@ class EncodeOptions:
         return cls(
             pooling=pooling, layer=encoder.layer, final_layer_norm=encoder.final_layer_norm,
             normalize=normalize, use_attention_mask=encoder.use_attention_mask,
-            dtype=TORCH_DTYPES[resolve_dtype(encoder.dtype, device)], output_dtype=encoder.output_dtype,
+            dtype=TORCH_DTYPES[resolve_dtype(encoder.dtype, device)],
+            # Quantized outputs leave here as float32: the shard's commit quantizes them with the job's ranges.
+            output_dtype=encoder.output_dtype if encoder.output_dtype in FLOAT_DTYPES else "float32",
             max_tokens_per_batch=encoder.max_tokens_per_batch or DEFAULT_TOKENS_PER_BATCH[device],
             packed=encoder.packed, dense=settings.dense if settings else (), truncate_dim=encoder.truncate_dim,
             prompt_tokens=excluded,
@@ -183,8 +185,9 @@ def check_options(model: torch.nn.Module, options: EncodeOptions) -> None:
     if options.pooling not in POOLINGS:
         raise ConfigError(f"encoder.pooling: {options.pooling!r} is not one of {', '.join(POOLINGS)}")
     check_head(options, int(model.config.hidden_size))
-    if options.output_dtype not in NUMPY_DTYPES:
-        raise ConfigError(f"encoder.output_dtype: {options.output_dtype!r} is not one of {', '.join(NUMPY_DTYPES)}")
+    if options.output_dtype not in FLOAT_DTYPES:
+        raise ConfigError(f"encoder.output_dtype: {options.output_dtype!r} is not one of {', '.join(FLOAT_DTYPES)} "
+                          "(quantized dtypes are applied when a shard is committed)")
     if options.max_tokens_per_batch <= 0:
         raise ConfigError(f"encoder.max_tokens_per_batch: must be positive, got {options.max_tokens_per_batch}")
     layers = num_layers(model)

@@ -26,7 +26,9 @@ from pipeline.output.embedding_format import (
     bfloat16_bits_to_float32,
     count_nonfinite,
     embeddings_to_arrow,
+    field_ranges,
 )
+from pipeline.output.quantize import QUANTIZED, SCALAR, quantize
 from pipeline.output.shards import read_shard_and_sha256, write_shard
 from pipeline.output.storage import output_path
 
@@ -72,6 +74,9 @@ def assemble_shard(out_dir: str, name: str, schema: pa.Schema, output_dtype: str
                    pieces: Sequence[Piece]) -> dict[str, Any]:
     """Scatter ``pieces`` into row order, commit ``embeddings/<name>`` once, and return the shard's report.
 
+    For a quantized ``output_dtype`` the pieces hold float32 vectors, quantized here (int8 / uint8 with the
+    ranges in the schema's embedding field); NaN / Inf rows and norms are counted on the float vectors.
+
     Raises:
         ValueError: the pieces do not cover the shard's rows exactly once, or were computed from another
             version of the token shard than the one now committed.
@@ -96,11 +101,18 @@ def assemble_shard(out_dir: str, name: str, schema: pa.Schema, output_dtype: str
     columns = [tokens.column("id")]
     if "chunk" in schema.names:
         columns.append(tokens.column("chunk"))
+    measured = "float32" if output_dtype in QUANTIZED else output_dtype
+    bad = count_nonfinite(embeddings, measured)
+    norm = _mean_norm(embeddings, bad, measured)
+    if output_dtype in QUANTIZED:
+        ranges = field_ranges(field)
+        if output_dtype in SCALAR and ranges is None:
+            raise ValueError(f"embeddings/{name}: {output_dtype} output but the schema records no quantization ranges")
+        embeddings = quantize(embeddings, output_dtype, ranges)
     columns.append(embeddings_to_arrow(embeddings, field))
     fault_point("embed.before_commit")
     committed = write_shard(pa.Table.from_arrays(columns, schema=schema), out / EMBEDDINGS / name)
     fault_point("embed.after_commit")
-    bad = count_nonfinite(embeddings, output_dtype)
     return {
         "name": name,
         "rows": n,
@@ -110,7 +122,7 @@ def assemble_shard(out_dir: str, name: str, schema: pa.Schema, output_dtype: str
         "tokens_sha256": tokens_sha256,
         "nonfinite_rows": int(np.count_nonzero(bad)),
         "nonfinite_ids": [tokens.column("id")[int(i)].as_py() for i in np.flatnonzero(bad)[:_NONFINITE_IDS_KEPT]],
-        "mean_norm": _mean_norm(embeddings, bad, output_dtype),
+        "mean_norm": norm,
     }
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import ConfigError
+from pipeline.tokenize.static_models import static_model_files
 
 if TYPE_CHECKING:
     from pipeline.config import EncoderConfig, JobConfig
@@ -146,6 +147,10 @@ def read_st_config(model_dir: str | Path) -> STConfig:
             sentence-transformers does (another module type, several pooling modes, a Dense module after Normalize, a Transformer outside the directory's root).
     """
     model_dir = Path(model_dir)
+    static = static_model_files(model_dir)
+    if static is not None:  # a token table and its mean (pipeline.encode.static), normalized as the model says
+        return STConfig(is_sentence_transformer=static.kind == "sentence_transformers", pooling="mean",
+                        normalize=static.normalize)
     modules = _read_json(model_dir / "modules.json")
     if not modules:
         return STConfig()

@@ -55,6 +55,21 @@ class EmbedSpec:
     # A hub model's (repo id, commit): each worker fetches that commit from its own node's Hugging Face cache
     # (downloading it there if absent), so every node loads the same snapshot; model_dir is the driver's copy.
     hub_model: tuple[str, str] | None = None
+    static: bool = False  # a static embedding model (pipeline.encode.static): a table lookup and a mean
+    # int8 | uint8 | binary | ubinary: the stored dtype, applied when a shard is committed (the pieces are float32)
+    quantize: str | None = None
+    # int8 / uint8: the (2, D) calibration ranges as nested lists; None until known (see calibrate_ranges)
+    quantize_ranges: list[list[float]] | None = None
+
+    @property
+    def stored_dtype(self) -> str:
+        """The dtype embedding shards store: the quantized one, else the options' output dtype."""
+        return self.quantize or self.options.output_dtype
+
+    @property
+    def needs_ranges(self) -> bool:
+        """int8 / uint8 output whose calibration ranges are not known yet."""
+        return self.quantize in ("int8", "uint8") and self.quantize_ranges is None
 
     def computed_with(self) -> dict[str, Any]:
         """The resolved settings a shard's bytes depend on beyond the config (``device: auto`` resolved):
@@ -70,7 +85,8 @@ def embedding_schema(spec: EmbedSpec, with_chunk: bool) -> pa.Schema:
     if with_chunk:
         fields.append(pa.field("chunk", pa.int32()))
     seq_len = spec.seq_len if spec.options.pooling == "none" else None
-    fields.append(embedding_arrow_field("embedding", spec.hidden_size, seq_len, spec.options.output_dtype))
+    ranges = None if spec.quantize_ranges is None else np.asarray(spec.quantize_ranges, np.float32)
+    fields.append(embedding_arrow_field("embedding", spec.hidden_size, seq_len, spec.stored_dtype, ranges))
     return pa.schema(fields)
 
 
@@ -129,6 +145,11 @@ class ShardEncoder:
 
                 model_dir = fetch_model(*self.spec.hub_model, allow_pickle=self.spec.allow_pickle,
                                         trust_remote_code=self.spec.trust_remote_code)
+            if self.spec.static:  # a table and a mean: no transformer, always on the CPU
+                from pipeline.encode.static import StaticEncoder
+
+                self._model = StaticEncoder.load(model_dir, self.spec.options.normalize, self.spec.options.truncate_dim)
+                return self._model
             keep_freed_memory()
             device = resolve_device(self.spec.device)
             if device.type == "cuda":  # exact float32 unless encoder.tf32 asks for tensor-core speed
@@ -161,8 +182,12 @@ class ShardEncoder:
         input_ids, mask, type_ids = (_take(column, rows) for column in shard.arrays)
         counts: dict[str, int] = {}
         try:
-            embeddings = encode_rows(self.model, input_ids, mask, type_ids, self.spec.options,
-                                     padding_side=self.spec.padding_side, backoff=shard.backoff, counts=counts)
+            if self.spec.static:
+                embeddings = self.model.encode(input_ids, mask)
+                counts["computed_tokens"] = int(shard.lengths[rows].sum())
+            else:
+                embeddings = encode_rows(self.model, input_ids, mask, type_ids, self.spec.options,
+                                         padding_side=self.spec.padding_side, backoff=shard.backoff, counts=counts)
         except Exception as exc:
             _exit_if_device_lost(exc, f"tokens/{name} piece {piece}")
             raise
@@ -180,7 +205,7 @@ class ShardEncoder:
         done = [self.embed_piece(out_dir, name, p) for p in range(self.pieces(shard.rows))]
         self._shard = None  # the next call reads the shard afresh
         report = assemble_shard(out_dir, name, embedding_schema(self.spec, shard.with_chunk),
-                                self.spec.options.output_dtype, [piece for _, piece in done])
+                                self.spec.stored_dtype, [piece for _, piece in done])
         return report | {"pieces": len(done), "computed_tokens": sum(s["computed_tokens"] for s, _ in done)}
 
     def _open(self, out_dir: str, name: str) -> _OpenShard:
@@ -193,7 +218,7 @@ class ShardEncoder:
             arrays = token_arrays(tokens)
             lengths = compute_lengths(*arrays, self.spec.options, padding_side=self.spec.padding_side)
             self._shard = _OpenShard(out_dir, name, sha256, arrays, length_order(lengths), tokens.num_rows,
-                                     "chunk" in tokens.column_names, Backoff())
+                                     "chunk" in tokens.column_names, Backoff(), lengths)
         return self._shard
 
 
@@ -219,6 +244,7 @@ class _OpenShard:
     rows: int
     with_chunk: bool
     backoff: Any  # pipeline.encode.forward.Backoff: out-of-memory halvings, remembered for the whole shard
+    lengths: np.ndarray  # per row, the tokens the encoder computes for it
 
 
 def _take(column: Any, rows: np.ndarray) -> Any:
@@ -250,6 +276,9 @@ def plan_embed(config: Any, tokenize_spec: Any, device: str, num_threads: int | 
     source = locate_model(enc.model, enc.revision, allow_pickle=enc.allow_pickle,
                           trust_remote_code=enc.trust_remote_code)
     model_dir = source.path
+    static = _plan_static(config, tokenize_spec, model_dir, source.hub)
+    if static is not None:
+        return _with_quantization(static, enc)
     check_model_dir(model_dir, allow_pickle=enc.allow_pickle, trust_remote_code=enc.trust_remote_code)
     text = text_config(model_dir, enc.trust_remote_code)
     if tokenize_spec.vocab_size > text.vocab_size:
@@ -274,11 +303,108 @@ def plan_embed(config: Any, tokenize_spec: Any, device: str, num_threads: int | 
                           f"prompt is {settings.prompt!r}")
     options = EncodeOptions.from_config(enc, device, settings, tokenize_spec.prompt_tokens)
     check_head(options, int(text.hidden_size))
-    return EmbedSpec(
+    return _with_quantization(EmbedSpec(
         model_dir=str(model_dir), options=options, device=device,
         allow_pickle=enc.allow_pickle, trust_remote_code=enc.trust_remote_code,
         padding_side=tokenize_spec.padding_side, seq_len=tokenize_spec.fixed_width,
         hidden_size=options.output_dim(int(text.hidden_size)), num_threads=num_threads,
         cpu_linear=enc.cpu_linear, tf32=enc.tf32, piece_rows=enc.piece_rows or DEFAULT_PIECE_ROWS[device],
         hub_model=source.hub,
+    ), enc)
+
+
+def _plan_static(config: Any, tokenize_spec: Any, model_dir: Any, hub: Any = None) -> EmbedSpec | None:
+    """The spec of a static embedding model (pipeline.encode.static), or None for a transformers model.
+
+    The encoder settings of a transformer do not apply: pooling is the mean (``auto`` or ``mean``), the layer
+    is the table; ``normalize: auto`` is the model's own (model2vec's config, or a Normalize module), and
+    ``truncate_dim`` keeps the first dimensions before the normalization, as sentence-transformers does.
+    It runs on the CPU (a table lookup: moving the rows to a GPU would cost more than the mean).
+    """
+    from pipeline.encode.forward import EncodeOptions
+    from pipeline.encode.st_config import encoder_settings, read_st_config
+    from pipeline.encode.static import require_static
+    from pipeline.errors import ConfigError
+    from pipeline.tokenize.static_models import static_model_files
+
+    if static_model_files(model_dir) is None:
+        return None
+    files = require_static(model_dir)
+    enc = config.encoder
+    settings = encoder_settings(enc, read_st_config(model_dir))
+    if settings.pooling != "mean" or enc.layer != -1:
+        raise ConfigError(f"encoder.pooling / encoder.layer: {enc.model!r} is a static embedding model (a token "
+                          "table and a mean): pooling must be mean (or auto) and layer -1")
+    from safetensors import safe_open
+
+    with safe_open(str(files.weights_file), framework="numpy") as handle:
+        name = "embeddings" if files.kind == "model2vec" else "embedding.weight"
+        rows, dim = handle.get_slice(name).get_shape()
+        if files.kind == "model2vec" and "mapping" in handle.keys():  # noqa: SIM118 (safe_open has no __contains__)
+            rows = handle.get_slice("mapping").get_shape()[0]
+    if tokenize_spec.vocab_size > rows:
+        raise ConfigError(f"tokenizer.name: the tokenizer has {tokenize_spec.vocab_size} tokens but encoder.model "
+                          f"{enc.model!r} embeds only {rows}; use the encoder's own tokenizer")
+    options = EncodeOptions.from_config(enc, "cpu", settings, 0)
+    if options.truncate_dim is not None and options.truncate_dim > dim:
+        raise ConfigError(f"encoder.truncate_dim: {options.truncate_dim} is more than the {dim} dimensions "
+                          "of the model's vectors")
+    return EmbedSpec(
+        model_dir=str(model_dir), options=options, device="cpu", allow_pickle=False, trust_remote_code=False,
+        padding_side=tokenize_spec.padding_side, seq_len=None, hidden_size=options.output_dim(int(dim)),
+        num_threads=1, cpu_linear="torch", piece_rows=enc.piece_rows or DEFAULT_PIECE_ROWS["cuda"], static=True,
+        hub_model=hub,
     )
+
+
+def _with_quantization(spec: EmbedSpec, enc: Any) -> EmbedSpec:
+    """The spec with the configured quantized output dtype, and int8 / uint8 ranges from ``encoder.quantize_ranges``."""
+    from dataclasses import replace
+
+    from pipeline.errors import ConfigError
+    from pipeline.output.quantize import QUANTIZED, SCALAR, load_ranges
+
+    if enc.output_dtype not in QUANTIZED:
+        return spec
+    if spec.options.pooling == "none":
+        raise ConfigError(f"encoder.output_dtype: {enc.output_dtype!r} quantizes pooled vectors; per-token output "
+                          "(pooling none) is stored as float32, float16 or bfloat16")
+    ranges = None
+    if enc.output_dtype in SCALAR and enc.quantize_ranges is not None:
+        ranges = load_ranges(enc.quantize_ranges, spec.hidden_size).tolist()
+    return replace(spec, quantize=enc.output_dtype, quantize_ranges=ranges)
+
+
+def with_ranges(spec: EmbedSpec, ranges: Any) -> EmbedSpec:
+    """The spec with int8 / uint8 calibration ranges ((2, D)) filled in."""
+    from dataclasses import replace
+
+    return replace(spec, quantize_ranges=np.asarray(ranges, np.float32).tolist())
+
+
+def calibrate_ranges(spec: EmbedSpec, out_dir: str, name: str, rows: int) -> np.ndarray:
+    """int8 / uint8 calibration ranges: per dimension the (min, max) of the float vectors of the first ``rows``
+    rows (in row order) of ``tokens/<name>``, embedded in this process in float32 on the CPU.
+
+    The driver calls it once, for the job's first token shard, before any piece is handed out; the result is
+    recorded in the manifest, so a rerun (resume) quantizes with the same ranges whatever runs it.
+    """
+    from dataclasses import replace
+
+    import torch
+
+    from pipeline.output.quantize import calibration_ranges
+
+    cpu = replace(spec, device="cpu", options=replace(spec.options, dtype=torch.float32), num_threads=None,
+                  piece_rows=rows)
+    encoder = ShardEncoder(cpu)
+    shard = encoder._open(out_dir, name)
+    first = np.arange(min(rows, shard.rows), dtype=np.int64)
+    input_ids, mask, type_ids = (_take(column, first) for column in shard.arrays)
+    if cpu.static:
+        vectors = encoder.model.encode(input_ids, mask)
+    else:
+        from pipeline.encode.forward import encode_rows
+
+        vectors = encode_rows(encoder.model, input_ids, mask, type_ids, cpu.options, padding_side=cpu.padding_side)
+    return calibration_ranges(vectors)

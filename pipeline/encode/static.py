@@ -55,9 +55,11 @@ class StaticEncoder:
     table: torch.Tensor
     drop_id: int | None
     normalize: bool
+    truncate_dim: int | None = None  # keep the first dimensions (before the normalization), Matryoshka-style
 
     @classmethod
-    def load(cls, model_dir: str | Path, normalize: bool | None = None) -> StaticEncoder:
+    def load(cls, model_dir: str | Path, normalize: bool | None = None,
+             truncate_dim: int | None = None) -> StaticEncoder:
         """Load the static model in ``model_dir``; ``normalize`` None keeps the model's own setting.
 
         Raises:
@@ -65,7 +67,7 @@ class StaticEncoder:
         """
         files = require_static(model_dir)
         drop = _unk_id(files.tokenizer_file.read_text(encoding="utf-8")) if files.kind == "model2vec" else None
-        return cls(files, load_table(files), drop, files.normalize if normalize is None else normalize)
+        return cls(files, load_table(files), drop, files.normalize if normalize is None else normalize, truncate_dim)
 
     @property
     def dim(self) -> int:
@@ -83,6 +85,8 @@ class StaticEncoder:
         ids = torch.from_numpy(flat.astype(np.int64))
         with torch.inference_mode():
             out = F.embedding_bag(ids, self.table, offsets, mode="mean") if len(counts) else self.table[:0]
+            if self.truncate_dim is not None:
+                out = out[:, :self.truncate_dim]
             if self.normalize:
                 out = self._normalized(out)
         return out.numpy().astype(np.float32, copy=False)

@@ -15,7 +15,7 @@ from typing import Any
 
 from pipeline.config import JobConfig
 from pipeline.encode.st_config import resolve_job_config
-from pipeline.encode.stage import embedding_schema
+from pipeline.encode.stage import calibrate_ranges, embedding_schema, with_ranges
 from pipeline.errors import Interrupted
 from pipeline.faults import fault_point
 from pipeline.hub import pin_revisions
@@ -184,6 +184,8 @@ class _Job:
                 token_refs[ref] = unit
 
         submit_tokenize()  # tokenizing starts while the encoders load their models
+        if EMBEDDINGS in stages:
+            self._quantize_ranges(calibrate=False)  # those recorded by an earlier run, or given in the config
         pool = EncoderPool(self.encoders, engine) if EMBEDDINGS in stages else None
         if pool:
             pool.start()
@@ -196,7 +198,9 @@ class _Job:
                 if not (token_refs or (pool and pool.busy())) or self.stop.out_of_time():
                     raise self.stop.error(self.record.committed_summary())
             submit_tokenize()
-            if pool:
+            if pool and self.encoders.spec.needs_ranges and self._quantize_ranges(True, bool(queue or token_refs)):
+                pool.plan = self.encoders
+            if pool and not self.encoders.spec.needs_ranges:  # no piece before the int8 / uint8 ranges are known
                 pool.submit(waiting_shards, self._token_rows, str(self.out_dir))
             # Model loads first: a load that failed on bad settings must surface as such, not as a shard error.
             # A timeout, so that a signal is seen within half a second however long the shards take.
@@ -236,6 +240,38 @@ class _Job:
             raise self.stop.error(self.record.committed_summary())
         for ref in list(pool.loading if pool else []):  # no shard was left to embed before these models loaded
             pool.loaded(ref)
+
+    def _quantize_ranges(self, calibrate: bool, tokens_pending: bool = True) -> bool:
+        """Fill in int8 / uint8 ranges and record them in the manifest: from the config, from an earlier run's
+        record, or (``calibrate``, once the job's first token shard is committed) computed here from its first
+        ``encoder.calibration_rows`` rows. True when the ranges became known."""
+        from dataclasses import replace
+
+        spec, enc = self.encoders.spec, self.config.encoder
+        if spec.quantize not in ("int8", "uint8"):
+            return False
+        stage, first = self.record.stage(EMBEDDINGS), self.names[min(self.names)]
+        sample = {"shard": first, "rows": enc.calibration_rows}
+        if not spec.needs_ranges:  # encoder.quantize_ranges
+            stage["quantization"] = {"source": enc.quantize_ranges, "ranges": spec.quantize_ranges}
+            return False
+        recorded = stage.get("quantization") or {}
+        if recorded.get("calibration") == sample and len((recorded.get("ranges") or [[]])[0]) == spec.hidden_size:
+            ranges = recorded["ranges"]
+        elif calibrate and first in self.record.stage(TOKENS)["shards"]:
+            ranges = calibrate_ranges(spec, str(self.out_dir), first, enc.calibration_rows).tolist()
+            log.info("quantization: %s ranges calibrated on the first %d rows of tokens/%s", spec.quantize,
+                     enc.calibration_rows, first)
+        elif calibrate and not tokens_pending:  # the first unit failed: nothing to calibrate on
+            raise self.record.fail("the job failed:\n  " + "\n  ".join(self.failures or [
+                f"tokens/{first} was not committed"]) + f"\n  (its first rows calibrate the {spec.quantize} "
+                "ranges; or give them in encoder.quantize_ranges)", max(self.peak_rss, peak_rss_mb()))
+        else:
+            return False
+        self.encoders = replace(self.encoders, spec=with_ranges(spec, ranges))
+        stage["quantization"] = {"calibration": sample, "ranges": self.encoders.spec.quantize_ranges}
+        self.record.save(force=True)
+        return True
 
     def _token_rows(self, name: str) -> int:
         """Rows of a committed token shard, from the job record (what its embedding is cut into pieces by)."""

@@ -181,7 +181,7 @@ class EncoderPool:
         stats = {"pieces": shard.pieces, "encoders": len(shard.encoders), "computed_tokens": shard.computed_tokens,
                  "peak_rss_mb": shard.peak_rss_mb}
         ref = self.engine.submit(assemble_task, out_dir, name, embedding_schema(spec, self.plan.with_chunk),
-                                 spec.options.output_dtype, stats, *(shard.done[p] for p in range(shard.pieces)),
+                                 spec.stored_dtype, stats, *(shard.done[p] for p in range(shard.pieces)),
                                  num_cpus=ASSEMBLE_CPUS)
         self.assembling[ref] = name
 
