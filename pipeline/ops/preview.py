@@ -32,7 +32,7 @@ from pipeline.tokenize.stage import ReadSpec, read_unit
 # Rows tokenized for the estimates: SAMPLE_UNITS units spread over the plan, SAMPLE_ROWS rows from each.
 SAMPLE_UNITS = 8
 SAMPLE_ROWS = 128
-_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1}
 
 
 @dataclass
@@ -139,6 +139,8 @@ def preview_job(config: JobConfig, stages: tuple[str, ...]) -> PlanPreview:
 
 def _embedding_row_bytes(config: JobConfig, hidden: int, width: int | None) -> float:
     positions = width if config.encoder.pooling == "none" else 1
+    if config.encoder.output_dtype in ("binary", "ubinary"):  # bits packed 8 per byte
+        return -(-hidden // 8) * positions + 24
     return hidden * positions * _DTYPE_BYTES[config.encoder.output_dtype] + 24
 
 
