@@ -32,6 +32,9 @@ EMBEDDING_SCHEMAS = {
     f"{dtype} {'per-token' if seq else 'pooled'}": pa.schema([
         pa.field("id", pa.string()), pa.field("chunk", pa.int32()), embedding_arrow_field("embedding", 8, seq, dtype)])
     for dtype in ("float32", "float16", "bfloat16") for seq in (None, 77)
+} | {  # quantized output is pooled only
+    f"{dtype} pooled": pa.schema([pa.field("id", pa.string()), embedding_arrow_field("embedding", 20, None, dtype)])
+    for dtype in ("int8", "uint8", "binary", "ubinary")
 }
 
 

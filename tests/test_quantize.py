@@ -208,11 +208,11 @@ def test_per_token_output_cannot_be_quantized(tmp_path):
         plan_embed(config, load_tokenize_spec(config), "cpu", 1)
 
 
-# ---------------------------------------------------------------- whole jobs (Ray)
+# ---------------------------------------------------------------- whole jobs (the driver, on the default executor)
 
 
 @pytest.fixture(scope="module")
-def int8_job(ray_cluster, st_static, st_floats, tmp_path_factory) -> Path:
+def int8_job(st_static, st_floats, tmp_path_factory) -> Path:
     corpus, _ = st_floats
     out = tmp_path_factory.mktemp("int8-job") / "out"
     run_job(_config(corpus, out, st_static, output_dtype="int8"))

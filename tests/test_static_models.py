@@ -159,7 +159,7 @@ def test_unsupported_modules_after_static_embedding_are_refused(models, tmp_path
         plan_embed(config, load_tokenize_spec(config), "cpu", 1)
 
 
-def test_a_job_through_ray_equals_model2vec_and_verifies_and_plots(ray_cluster, models, tmp_path):
+def test_a_whole_job_equals_model2vec_and_verifies_and_plots(models, tmp_path):
     from pipeline.ops.plot import plot_embeddings
     from pipeline.ops.verify import verify_output
     from pipeline.output.shards import read_shard
