@@ -233,6 +233,8 @@ def test_int8_job_records_its_ranges_and_reads_back(int8_job, st_floats, tmp_pat
     assert verify_output(out).problems == []
     detail = inspect_path(out / "embeddings" / NAMES[0], rows=2)["shards"][0]
     assert detail["embedding"]["dtype"] == "int8" and len(detail["rows_shown"]) == 2
+    shown = np.asarray(detail["rows_shown"][0]["values"], np.float32)  # decoded through the ranges
+    np.testing.assert_allclose(shown, _dequantize_embeddings(ours[:1], "int8", ranges)[0, :len(shown)], atol=1e-6)
     stored = ShardDataset(str(out), "embeddings", format="numpy")[:5]["embedding"]
     assert stored.dtype == np.int8 and np.array_equal(stored, ours[:5])  # as stored by default
     approx = ShardDataset(str(out), "embeddings", dequantize=True)[:5]["embedding"].numpy()

@@ -38,12 +38,21 @@ def _vectors(rows: int, dim: int, seed: int) -> np.ndarray:
 
 
 def build_model2vec(model_dir: Path, dim: int = 24, normalize: bool = True, max_length: int | None = 24,
-                    seed: int = 0) -> Path:
-    """A model2vec StaticModel over the tiny WordPiece tokenizer, saved with its own save_pretrained."""
+                    seed: int = 0, clusters: int | None = None) -> Path:
+    """A model2vec StaticModel over the tiny WordPiece tokenizer, saved with its own save_pretrained.
+
+    ``clusters``: a vocabulary-quantized model: that many vectors, a token -> vector mapping and per-token weights.
+    """
     from model2vec import StaticModel
 
     tok = _tokenizer(model_dir.parent / f"{model_dir.name}-tok")
-    model = StaticModel(_vectors(tok.get_vocab_size(), dim, seed), tok, normalize=normalize, max_length=max_length)
+    vocab = tok.get_vocab_size()
+    extra = {}
+    if clusters:
+        rng = np.random.default_rng(seed + 100)
+        extra = {"token_mapping": rng.integers(0, clusters, vocab), "weights": rng.uniform(0.2, 2.0, vocab)}
+    model = StaticModel(_vectors(clusters or vocab, dim, seed), tok, normalize=normalize, max_length=max_length,
+                        **extra)
     model.save_pretrained(str(model_dir))
     return model_dir
 
@@ -66,6 +75,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
         "model2vec": build_model2vec(root / "m2v"),
         "model2vec-raw": build_model2vec(root / "m2v-raw", normalize=False, max_length=8),
         "model2vec-nomax": build_model2vec(root / "m2v-nomax", normalize=False, max_length=None),
+        "model2vec-vq": build_model2vec(root / "m2v-vq", normalize=False, clusters=50),
         "st": build_st_static(root / "st"),
         "st-raw": build_st_static(root / "st-raw", normalize=False),
     }
@@ -113,7 +123,7 @@ def _embed_in_process(config, texts: list[str], tmp_path: Path) -> np.ndarray:
     return np.stack(shard.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
 
 
-@pytest.mark.parametrize("kind", ["model2vec", "model2vec-raw", "model2vec-nomax", "st", "st-raw"])
+@pytest.mark.parametrize("kind", ["model2vec", "model2vec-raw", "model2vec-nomax", "model2vec-vq", "st", "st-raw"])
 def test_rows_equal_the_library_encode(kind, models, tmp_path):
     ours = _embed_in_process(_config(models[kind]), TEXTS, tmp_path)
     _assert_rows_equal(ours, _reference(kind, models[kind], TEXTS))

@@ -216,10 +216,15 @@ def _token_rows(table: pa.Table, decoder: Decoder) -> list[dict[str, Any]]:
 
 def _embedding_rows(table: pa.Table, token_rows: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
     from pipeline.data.reader import arrow_to_tensor  # torch: only when there are embeddings to show
+    from pipeline.output.embedding_format import arrow_to_numpy, decode_embeddings, field_dims
+    from pipeline.output.quantize import QUANTIZED
 
     field = table.schema.field("embedding")
     try:
-        values = arrow_to_tensor(table.column("embedding"), field).float().numpy()
+        if field_dims(field)[1] in QUANTIZED:  # shown decoded: int8 / uint8 through their ranges, bits as -1 / +1
+            values = decode_embeddings(arrow_to_numpy(table.column("embedding"), field), field, to_float=True)
+        else:
+            values = arrow_to_tensor(table.column("embedding"), field).float().numpy()
     except ValueError as exc:
         raise ConfigError(f"embedding column: {exc}") from None
     ids = table.column("id").to_pylist() if "id" in table.column_names else [None] * table.num_rows

@@ -20,9 +20,7 @@ import numpy as np
 from pipeline.errors import ConfigError
 from pipeline.ops import PLOT_LABELS, PLOT_SAMPLE
 from pipeline.ops.plot_render import find_fonts, label_text, render
-from pipeline.output.embedding_format import arrow_to_numpy, decode_embeddings, field_dims
 from pipeline.output.manifest import load_manifest
-from pipeline.output.quantize import QUANTIZED
 from pipeline.output.shards import read_shard
 from pipeline.output.storage import output_path
 
@@ -127,6 +125,8 @@ def load_sample(out_dir: str | Path, sample: int = PLOT_SAMPLE, seed: int = 0, c
 def _pooled(table: Any, tokens: Any) -> tuple[list[np.ndarray], bool]:
     """The rows' vectors, POOL_ROWS at a time; per-token output pooled over the mask (whether it was not)."""
     from pipeline.data.reader import arrow_to_tensor
+    from pipeline.output.embedding_format import arrow_to_numpy, decode_embeddings, field_dims
+    from pipeline.output.quantize import QUANTIZED
 
     masked = tokens is not None and "attention_mask" in tokens.column_names
     vectors, unmasked = [], False

@@ -259,9 +259,13 @@ class _Job:
         if recorded.get("calibration") == sample and len((recorded.get("ranges") or [[]])[0]) == spec.hidden_size:
             ranges = recorded["ranges"]
         elif calibrate and first in self.record.stage(TOKENS)["shards"]:
-            ranges = calibrate_ranges(spec, str(self.out_dir), first, enc.calibration_rows).tolist()
-            log.info("quantization: %s ranges calibrated on the first %d rows of tokens/%s", spec.quantize,
-                     enc.calibration_rows, first)
+            rows = min(enc.calibration_rows, self._token_rows(first))
+            try:
+                ranges = calibrate_ranges(spec, str(self.out_dir), first, enc.calibration_rows).tolist()
+            except ValueError as exc:  # fewer than 2 rows to take a range from
+                raise self.record.fail(f"{spec.quantize} calibration on tokens/{first}: {exc}; give the ranges in "
+                                       "encoder.quantize_ranges", max(self.peak_rss, peak_rss_mb())) from None
+            log.info("quantization: %s ranges calibrated on the first %d rows of tokens/%s", spec.quantize, rows, first)
         elif calibrate and not tokens_pending:  # the first unit failed: nothing to calibrate on
             raise self.record.fail("the job failed:\n  " + "\n  ".join(self.failures or [
                 f"tokens/{first} was not committed"]) + f"\n  (its first rows calibrate the {spec.quantize} "
