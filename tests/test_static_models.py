@@ -187,3 +187,14 @@ def test_a_whole_job_equals_model2vec_and_verifies_and_plots(models, tmp_path):
     assert verify_output(out).problems == []
     result = plot_embeddings(out, tmp_path / "pca.png", labels=3)
     assert (tmp_path / "pca.png").stat().st_size > 0 and len(result.rows) == 30
+
+
+def test_an_explicit_normalize_wins_over_the_model_s(models, tmp_path):
+    from model2vec import StaticModel
+
+    ours = _embed_in_process(_config(models["model2vec"], encoder={"normalize": False}), TEXTS, tmp_path / "a")
+    _assert_rows_equal(ours, StaticModel.from_pretrained(str(models["model2vec"])).encode(TEXTS, normalize=False))
+    ours = _embed_in_process(_config(models["st-raw"], encoder={"normalize": True}), TEXTS, tmp_path / "b")
+    ref = _reference("st", models["st-raw"], TEXTS)
+    norms = np.linalg.norm(ref, axis=1, keepdims=True)
+    _assert_rows_equal(ours, np.divide(ref, norms, out=np.zeros_like(ref), where=norms > 0))
