@@ -289,3 +289,17 @@ def test_binary_reads_back_unpacked(tmp_path, st_static, st_floats):
     assert np.array_equal(signs, bits[:4] * 2.0 - 1)
     plot_embeddings(out, tmp_path / "pca.png", labels=0)
     assert (tmp_path / "pca.png").stat().st_size > 0
+
+
+def test_a_ranges_file_changed_under_the_same_name_is_refused(st_static, st_floats, tmp_path):
+    from pipeline.errors import JobFailed
+
+    corpus, _ = st_floats
+    path = tmp_path / "ranges.npy"
+    np.save(path, np.vstack((np.full(DIM, -0.5), np.full(DIM, 0.5))).astype(np.float32))
+    config = _config(corpus, tmp_path / "out", st_static, output_dtype="uint8", quantize_ranges=str(path))
+    run_job(config)
+    np.save(path, np.vstack((np.full(DIM, -1.0), np.full(DIM, 1.0))).astype(np.float32))
+    (tmp_path / "out" / "embeddings" / NAMES[2]).unlink()  # a rerun would quantize this shard with the new file
+    with pytest.raises(JobFailed, match="other ranges than the committed embeddings"):
+        run_job(config)

@@ -252,10 +252,14 @@ class _Job:
             return False
         stage, first = self.record.stage(EMBEDDINGS), self.names[min(self.names)]
         sample = {"shard": first, "rows": enc.calibration_rows}
-        if not spec.needs_ranges:  # encoder.quantize_ranges
+        recorded = stage.get("quantization") or {}
+        if not spec.needs_ranges:  # encoder.quantize_ranges: its file may have changed under the same path
+            if stage.get("shards") and recorded.get("ranges") not in (None, spec.quantize_ranges):
+                raise self.record.fail(f"encoder.quantize_ranges: {enc.quantize_ranges} holds other ranges than the "
+                                       "committed embeddings were quantized with; restore it, or give the new "
+                                       "ranges another file name (a changed setting: --force redoes the embeddings)", max(self.peak_rss, peak_rss_mb()))
             stage["quantization"] = {"source": enc.quantize_ranges, "ranges": spec.quantize_ranges}
             return False
-        recorded = stage.get("quantization") or {}
         if recorded.get("calibration") == sample and len((recorded.get("ranges") or [[]])[0]) == spec.hidden_size:
             ranges = recorded["ranges"]
         elif calibrate and first in self.record.stage(TOKENS)["shards"]:
