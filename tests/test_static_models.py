@@ -198,3 +198,11 @@ def test_an_explicit_normalize_wins_over_the_model_s(models, tmp_path):
     ref = _reference("st", models["st-raw"], TEXTS)
     norms = np.linalg.norm(ref, axis=1, keepdims=True)
     _assert_rows_equal(ours, np.divide(ref, norms, out=np.zeros_like(ref), where=norms > 0))
+
+
+def test_truncate_dim_equals_sentence_transformers(models, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    ours = _embed_in_process(_config(models["st"], encoder={"truncate_dim": 8}), TEXTS, tmp_path)
+    ref = SentenceTransformer(str(models["st"]), device="cpu", truncate_dim=8).encode(TEXTS, normalize_embeddings=True)
+    _assert_rows_equal(ours, ref)

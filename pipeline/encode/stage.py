@@ -331,6 +331,9 @@ def _plan_static(config: Any, tokenize_spec: Any, model_dir: Any, hub: Any = Non
         return None
     files = require_static(model_dir)
     enc = config.encoder
+    if hub is not None:  # the tokenize stage finds a static model's tokenize settings in a local directory only
+        raise ConfigError(f"encoder.model: {enc.model!r} is a static embedding model; name its local directory "
+                          f"(e.g. {model_dir}): static models are not taken by hub id yet")
     settings = encoder_settings(enc, read_st_config(model_dir))
     if settings.pooling != "mean" or enc.layer != -1:
         raise ConfigError(f"encoder.pooling / encoder.layer: {enc.model!r} is a static embedding model (a token "
