@@ -111,7 +111,7 @@ class EncoderConfig(_Section):
     # commit sha on the driver before any work (pipeline.hub.pin_revisions).
     revision: str | None = None
     # auto: the model's sentence-transformers configuration (1_Pooling, Normalize), else mean / false.
-    # An explicit value wins; the log says when it overrides the model's (pipeline/encode/st_config.py).
+    # An explicit value wins; the log says when it overrides the model's (pipeline/tokenize/st_config.py).
     pooling: Literal["auto", "mean", "cls", "last", "max", "weightedmean", "none"] = "auto"
     layer: int = -1
     final_layer_norm: bool | None = None
@@ -191,7 +191,7 @@ class JobConfig(_Section):
     def output_hash(self) -> str:
         """Hash of every setting that changes the output (not where it goes, not the cluster).
 
-        Jobs hash the config resolved against the model (:func:`pipeline.encode.st_config.resolve_job_config`:
+        Jobs hash the config resolved against the model (:func:`pipeline.tokenize.st_config.resolve_job_config`:
         no ``auto`` left, the prompt as its text), so the hash says which pooling, normalization and prompt ran.
         """
         relevant = self.model_dump(mode="json", exclude={"ray": True, "output": {"path"}})
@@ -203,7 +203,7 @@ class JobConfig(_Section):
         tokens = self.model_dump(mode="json", exclude={"ray": True, "output": {"path"}, "encoder": True})
         if self.tokenizer.name is None:  # the tokenizer is the encoder's own
             tokens["encoder_model"] = self.encoder.model
-        if self.encoder.prompt:  # the tokens begin with it (resolved: see pipeline.encode.st_config)
+        if self.encoder.prompt:  # the tokens begin with it (resolved: see pipeline.tokenize.st_config)
             tokens["prompt"] = self.encoder.prompt
         digest = hashlib.sha256(json.dumps(tokens, sort_keys=True).encode()).hexdigest()
         encoder = json.dumps(self.encoder.model_dump(mode="json"), sort_keys=True)

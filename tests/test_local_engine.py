@@ -15,7 +15,8 @@ import pytest
 
 from pipeline.config import validate_config
 from pipeline.errors import ConfigError
-from pipeline.run.engine import WORKER_ENV, TaskFailed, WorkerLost, choose_executor
+from pipeline.run.engine import WORKER_ENV, TaskFailed, WorkerLost
+from pipeline.run.executor import choose_executor
 from pipeline.run.local_engine import LocalEngine
 
 TESTS = str(Path(__file__).parent)

@@ -18,7 +18,7 @@ from pipeline.encode.pieces import Piece, assemble_shard, length_order, longest_
 from pipeline.encode.stage import ShardEncoder, embedding_schema
 from pipeline.run.driver import run_job
 from pipeline.run.encoder_pool import plan_encoders, size_encoders
-from pipeline.run.engine import RayEngine
+from pipeline.run.ray_engine import RayEngine
 from pipeline.tokenize.loading import load_tokenize_spec
 
 WORDS = "the a cat dog sat on mat fast slow red blue model vector token shard batch text data".split()

@@ -21,7 +21,7 @@ from transformers import AutoTokenizer
 from pipeline.config import validate_config
 from pipeline.encode.forward import encode_rows
 from pipeline.encode.models import load_encoder
-from pipeline.encode.st_config import read_st_config, resolve_job_config
+from pipeline.tokenize.st_config import read_st_config, resolve_job_config
 from pipeline.encode.stage import plan_embed, token_arrays
 from pipeline.errors import ConfigError
 from pipeline.tokenize.core import to_table, tokenize_texts

@@ -16,7 +16,7 @@ What a row's embedding is (DESIGN.md "Encoding semantics"):
   and a left pad has nothing to attend to), and the computed hidden states of the pad tokens when it
   is not. ``max`` and ``weightedmean`` are sentence-transformers' (see :func:`pool`).
 - A sentence-transformers model's head runs after pooling (:func:`_head`; settings from
-  :mod:`pipeline.encode.st_config`): its Dense layers, then ``truncate_dim``, then the L2 normalization;
+  :mod:`pipeline.tokenize.st_config`): its Dense layers, then ``truncate_dim``, then the L2 normalization;
   with ``include_prompt: false`` the prompt's first tokens are left out of pooling.
 - ``layer``: -1 the last layer, -2 the penultimate ("clip skip"), 0 the embedding layer's output
   (for CLIP and GPT-2 token plus position embeddings). ``final_layer_norm`` applies the norm that
@@ -49,15 +49,15 @@ import torch.nn.functional as F
 from pipeline.encode.device import DeviceSteps, device_steps, prefetch_to_device
 from pipeline.encode.models import family_of, final_norm, num_layers, position_limit
 from pipeline.encode.packed import packed_family, packed_hidden_states, pool_packed, segments
-from pipeline.encode.st_config import ACTIVATIONS, DenseLayer
 from pipeline.errors import ConfigError
 from pipeline.output.embedding_format import FLOAT_DTYPES, NUMPY_DTYPES, OutputDtype
+from pipeline.tokenize.st_config import ACTIVATIONS, DenseLayer
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from pipeline.config import EncoderConfig
-    from pipeline.encode.st_config import EncoderSettings
+    from pipeline.tokenize.st_config import EncoderSettings
 
 Pooling = Literal["mean", "cls", "last", "max", "weightedmean", "none"]
 POOLINGS = ("mean", "cls", "last", "max", "weightedmean", "none")
@@ -83,7 +83,7 @@ class EncodeOptions:
     output_dtype: OutputDtype = "float32"
     max_tokens_per_batch: int = 16_384
     packed: bool = False  # run batches unpadded where the model allows (see pipeline.encode.packed)
-    # A sentence-transformers model's head, after pooling (pipeline.encode.st_config): Dense projections,
+    # A sentence-transformers model's head, after pooling (pipeline.tokenize.st_config): Dense projections,
     # then the first truncate_dim dimensions (Matryoshka), then normalize. prompt_tokens: the first real
     # tokens of each row left out of pooling (include_prompt false); 0: none.
     dense: tuple[DenseLayer, ...] = ()

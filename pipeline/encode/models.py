@@ -22,8 +22,7 @@ from typing import Any
 import torch
 
 from pipeline.errors import ConfigError
-from pipeline.hub import fetch_model, is_hub_id, resolve_commit
-from pipeline.tokenize.loading import ALIASES, resolve_alias
+from pipeline.hub import locate_model
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
@@ -42,37 +41,6 @@ _BERT = Family("bert", "BertModel", final_norm=None, token_type_ids=True)
 _CLIP = Family("clip", "CLIPTextModel", final_norm="final_layer_norm", token_type_ids=False)
 _GPT2 = Family("gpt2", "GPT2Model", final_norm="ln_f", token_type_ids=False)
 FAMILIES: dict[str, Family] = {"bert": _BERT, "clip": _CLIP, "clip_text_model": _CLIP, "gpt2": _GPT2}
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where an encoder's files are: a local directory, and for a hub id the (repo id, commit) it was fetched at."""
-
-    path: Path
-    hub: tuple[str, str] | None = None
-
-
-def locate_model(name: str, revision: str | None = None, *, allow_pickle: bool = False,
-                 trust_remote_code: bool = False) -> ModelSource:
-    """The files of ``encoder.model``: an alias (e.g. ``minilm``), a local directory, or a hub id at ``revision``
-    (None: main), fetched into the Hugging Face cache if absent (see :func:`pipeline.hub.fetch_model`).
-
-    Raises:
-        ConfigError: the name is neither an alias, a directory nor a hub id that resolves; ``revision`` is set for
-            a name that is no hub id; the hub model asks for remote code or has no safetensors weights.
-    """
-    path = resolve_alias(name)
-    if is_hub_id(path):
-        commit = resolve_commit(path, revision, "encoder.model")
-        folder = fetch_model(path, commit, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-        return ModelSource(folder, (path, commit))
-    if not Path(path).is_dir():
-        raise ConfigError(f"encoder.model: {name!r} is neither an alias ({', '.join(ALIASES)}), a local model "
-                          "directory nor a hub id (org/name)")
-    if revision is not None:
-        raise ConfigError(f"encoder.revision: {revision!r} is set, but encoder.model {name!r} is a local directory "
-                          "or an alias, which has no revisions; remove it")
-    return ModelSource(Path(path))
 
 
 def resolve_model_dir(name: str, revision: str | None = None, **checks: bool) -> Path:

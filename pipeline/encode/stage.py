@@ -269,8 +269,8 @@ def plan_embed(config: Any, tokenize_spec: Any, device: str, num_threads: int | 
     """
     from pipeline.encode.forward import EncodeOptions, check_head
     from pipeline.encode.models import check_model_dir, locate_model, text_config
-    from pipeline.encode.st_config import encoder_settings, read_st_config
     from pipeline.errors import ConfigError
+    from pipeline.tokenize.st_config import encoder_settings, read_st_config
 
     enc = config.encoder
     source = locate_model(enc.model, enc.revision, allow_pickle=enc.allow_pickle,
@@ -322,9 +322,9 @@ def _plan_static(config: Any, tokenize_spec: Any, model_dir: Any, hub: Any = Non
     It runs on the CPU (a table lookup: moving the rows to a GPU would cost more than the mean).
     """
     from pipeline.encode.forward import EncodeOptions
-    from pipeline.encode.st_config import encoder_settings, read_st_config
     from pipeline.encode.static import require_static
     from pipeline.errors import ConfigError
+    from pipeline.tokenize.st_config import encoder_settings, read_st_config
     from pipeline.tokenize.static_models import static_model_files
 
     if static_model_files(model_dir) is None:

@@ -84,7 +84,7 @@ def _sample_lengths(config: JobConfig, spec: Any, units: list[Any]) -> tuple[np.
 
 def preview_job(config: JobConfig, stages: tuple[str, ...]) -> PlanPreview:
     """Plan ``config``'s job and estimate it (see the module docstring); writes nothing."""
-    from pipeline.encode.st_config import resolve_job_config
+    from pipeline.tokenize.st_config import resolve_job_config
 
     config, models = pin_revisions(config)
     config = resolve_job_config(config)  # as a run resolves it: the rerun outcome compares config hashes

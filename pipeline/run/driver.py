@@ -14,7 +14,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pipeline.config import JobConfig
-from pipeline.encode.st_config import resolve_job_config
 from pipeline.encode.stage import calibrate_ranges, embedding_schema, with_ranges
 from pipeline.errors import Interrupted
 from pipeline.faults import fault_point
@@ -32,7 +31,8 @@ from pipeline.output.shards import write_dataset_metadata
 from pipeline.output.storage import output_path
 from pipeline.output.unique_ids import duplicates_in_stage
 from pipeline.run.encoder_pool import EncoderPlan, EncoderPool, plan_encoders
-from pipeline.run.engine import Engine, TaskFailed, WorkerLost, engine_session
+from pipeline.run.engine import Engine, TaskFailed, WorkerLost
+from pipeline.run.executor import engine_session
 from pipeline.run.increments import plan_job
 from pipeline.run.job_record import JobRecord, ProgressCallback, StageResult
 from pipeline.run.report import peak_rss_mb
@@ -40,6 +40,7 @@ from pipeline.run.stopping import DEFAULT_GRACE, StopRequest, install, stop_on_s
 from pipeline.run.tasks import tokenize_task
 from pipeline.tokenize.core import TokenizeSpec, token_schema
 from pipeline.tokenize.loading import check_pack_stages, load_tokenize_spec
+from pipeline.tokenize.st_config import resolve_job_config
 from pipeline.tokenize.stage import ReadSpec
 
 log = logging.getLogger("embedpipe")
@@ -52,7 +53,7 @@ _RETRY = object()
 
 def _resolve_and_load_spec(config: JobConfig) -> tuple[JobConfig, TokenizeSpec]:
     """The config resolved against the model (pooling, normalize, prompt, max_seq_length: see
-    :func:`pipeline.encode.st_config.resolve_job_config`; what the manifest records and the config hash
+    :func:`pipeline.tokenize.st_config.resolve_job_config`; what the manifest records and the config hash
     covers), and its tokenize spec."""
     config = resolve_job_config(config)
     return config, load_tokenize_spec(config)

@@ -57,7 +57,7 @@ class TokenizeSpec:
     pack: bool = False
     pack_separator_id: int | None = None
     pack_remainder: Literal["pad", "drop"] = "pad"
-    # The encoder's prompt (pipeline.encode.st_config): prefixed to every text before tokenization, so
+    # The encoder's prompt (pipeline.tokenize.st_config): prefixed to every text before tokenization, so
     # truncation cuts prompt + text to max_length as sentence-transformers does. prompt_tokens: its length
     # as sentence-transformers counts it (the prompt tokenized alone, less a trailing special token), what
     # a model with include_prompt false leaves out of pooling.

