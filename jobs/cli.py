@@ -30,7 +30,8 @@ def _job_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="Output directory (overrides output.path). Env: EMBEDPIPE_OUTPUT."),
         click.option("--address", envvar="RAY_ADDRESS",
                      help="Ray cluster to run on, e.g. ray://head:10001 or auto (overrides ray.address). "
-                          "Env: RAY_ADDRESS. Unset: start a local cluster."),
+                          "Env: RAY_ADDRESS. Unset: this machine (ray.executor: local worker processes, or a "
+                          "local Ray cluster with executor: ray)."),
         click.option("--force", is_flag=True,
                      help="Redo the stages whose settings or input changed, removing only embedpipe's own files."),
         click.option("--grace", type=click.FloatRange(min=0), default=DEFAULT_GRACE, show_default=True,
