@@ -119,6 +119,13 @@ def _check_weights(model_dir: Path, allow_pickle: bool) -> bool:
 
 
 def _model_class(config: dict[str, Any], model_dir: Path, trust_remote_code: bool) -> type:
+    import transformers
+
+    return getattr(transformers, _family_of_config(config, model_dir, trust_remote_code).class_name)
+
+
+def _family_of_config(config: dict[str, Any], model_dir: Path, trust_remote_code: bool) -> Family:
+    """The family a config.json names (no transformers import: importing a model class costs seconds)."""
     if "auto_map" in config and not trust_remote_code:
         raise ConfigError(
             f"encoder.model: {model_dir}/config.json asks for remote code (auto_map: {sorted(config['auto_map'])}); "
@@ -130,9 +137,7 @@ def _model_class(config: dict[str, Any], model_dir: Path, trust_remote_code: boo
             f"encoder.model: {model_dir} is a {config.get('model_type')!r} model; supported model types: "
             f"{', '.join(FAMILIES)}"
         )
-    import transformers
-
-    return getattr(transformers, family.class_name)
+    return family
 
 
 def check_model_dir(
@@ -145,7 +150,7 @@ def check_model_dir(
     """
     model_dir = Path(model_dir)
     config = _read_config(model_dir)
-    _model_class(config, model_dir, trust_remote_code)
+    _family_of_config(config, model_dir, trust_remote_code)
     _check_weights(model_dir, allow_pickle)
     return config
 
