@@ -263,6 +263,21 @@ def plan_batches(
     return batches
 
 
+def plan_packed_batches(lengths: np.ndarray, max_tokens_per_batch: int) -> list[np.ndarray]:
+    """Cut rows into batches of at most ``max_tokens_per_batch`` real tokens, shortest rows first: the
+    budget of the packed forward, which computes no padding (a row too long alone gets its own batch)."""
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    ends = np.cumsum(np.asarray(lengths)[order])
+    batches, start, used = [], 0, 0
+    for i in range(len(order)):
+        if i > start and ends[i] - used > max_tokens_per_batch:
+            batches.append(order[start:i])
+            start, used = i, int(ends[i - 1])
+    if len(order):
+        batches.append(order[start:])
+    return batches
+
+
 def padding_waste(lengths: np.ndarray, batches: list[np.ndarray], multiple: int = WIDTH_MULTIPLE,
                   max_width: int | None = None) -> float:
     """Computed tokens / real tokens for a batch plan (1.0: no padding computed)."""
@@ -382,8 +397,12 @@ def encode_rows(
     steps = steps or device_steps(device)
     backoff = backoff or Backoff()
 
+    packed = forward.packed is not None and not rows.full_width
+    plan = (plan_packed_batches(lengths, options.max_tokens_per_batch) if packed
+            else plan_batches(lengths, options.max_tokens_per_batch, WIDTH_MULTIPLE, cap))
+
     def host_batches():
-        for batch_rows in plan_batches(lengths, options.max_tokens_per_batch, WIDTH_MULTIPLE, cap):
+        for batch_rows in plan:
             width = padded_width(int(lengths[batch_rows].max()), WIDTH_MULTIPLE, cap)
             yield batch_rows, rows.gather(batch_rows, width)
 
@@ -395,7 +414,7 @@ def encode_rows(
                 if counts is not None:
                     counts["forwards"] = counts.get("forwards", 0) + 1
                     # From host-side numbers: summing the device mask would wait on the GPU every batch.
-                    computed = (int(lengths[part_rows].sum()) if forward.packed is not None and not rows.full_width
+                    computed = (int(lengths[part_rows].sum()) if packed
                                 else part["input_ids"].numel())  # packed: the real tokens only
                     counts["computed_tokens"] = counts.get("computed_tokens", 0) + computed
                 stored = embeddings.to(TORCH_DTYPES[options.output_dtype])

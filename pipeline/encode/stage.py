@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,6 +125,8 @@ class ShardEncoder:
         self.spec = spec
         self._model = None
         self._shard: _OpenShard | None = None
+        self._ahead: tuple[tuple[str, str], Future[_OpenShard]] | None = None  # the next shard, being read
+        self._reader: ThreadPoolExecutor | None = None
 
     @property
     def model(self) -> Any:
@@ -173,11 +176,18 @@ class ShardEncoder:
         """How many pieces a token shard of ``rows`` rows is embedded in."""
         return piece_count(rows, self.spec.piece_rows)
 
-    def embed_piece(self, out_dir: str, name: str, piece: int) -> tuple[dict[str, Any], Piece]:
-        """Embed piece ``piece`` of ``tokens/<name>``; return (a small status for the driver, the piece)."""
+    def embed_piece(self, out_dir: str, name: str, piece: int,
+                    read_ahead: str | None = None) -> tuple[dict[str, Any], Piece]:
+        """Embed piece ``piece`` of ``tokens/<name>``; return (a small status for the driver, the piece).
+
+        ``read_ahead``: a committed token shard this encoder is likely to get next, read and hashed on a
+        thread while this piece computes, so that the device does not wait for it.
+        """
         from pipeline.encode.forward import encode_rows
 
-        shard = self._open(out_dir, name)
+        shard, read = self._open(out_dir, name)
+        if read_ahead and read_ahead != name:
+            self._read_ahead(out_dir, read_ahead)
         rows = piece_rows_of(shard.order, piece, self.spec.piece_rows)
         input_ids, mask, type_ids = (_take(column, rows) for column in shard.arrays)
         counts: dict[str, int] = {}
@@ -193,7 +203,7 @@ class ShardEncoder:
             raise
         fault_point("embed.after_piece")
         status = {"name": name, "piece": piece, "rows": len(rows), "tokens_sha256": shard.sha256,
-                  "computed_tokens": counts.get("computed_tokens", 0)}
+                  "computed_tokens": counts.get("computed_tokens", 0), "read": read}
         return status, Piece(rows.astype(np.int64), embeddings, shard.sha256)
 
     def embed_shard(self, out_dir: str, name: str) -> dict[str, Any]:
@@ -201,25 +211,46 @@ class ShardEncoder:
 
         The same bytes as the pieces embedded by many encoders and assembled (see :mod:`pipeline.encode.pieces`).
         """
-        shard = self._open(out_dir, name)
+        shard, _ = self._open(out_dir, name)
         done = [self.embed_piece(out_dir, name, p) for p in range(self.pieces(shard.rows))]
         self._shard = None  # the next call reads the shard afresh
         report = assemble_shard(out_dir, name, embedding_schema(self.spec, shard.with_chunk),
                                 self.spec.stored_dtype, [piece for _, piece in done])
         return report | {"pieces": len(done), "computed_tokens": sum(s["computed_tokens"] for s, _ in done)}
 
-    def _open(self, out_dir: str, name: str) -> _OpenShard:
-        """The token shard's arrays and length order, read and hashed once for all its pieces."""
-        if self._shard is None or (self._shard.out_dir, self._shard.name) != (out_dir, name):
-            from pipeline.encode.forward import Backoff, compute_lengths
+    def _open(self, out_dir: str, name: str) -> tuple[_OpenShard, str | None]:
+        """The token shard's arrays and length order, read and hashed once for all its pieces; and how this
+        call got it: None (open already), ``ahead`` (read while the last piece computed) or ``here``."""
+        if self._shard is not None and (self._shard.out_dir, self._shard.name) == (out_dir, name):
+            return self._shard, None
+        self._shard = None  # the last shard's arrays are released before the next one is read
+        ahead, self._ahead = self._ahead, None
+        if ahead and ahead[0] == (out_dir, name):
+            try:
+                self._shard = ahead[1].result()
+                return self._shard, "ahead"
+            except Exception:  # read it again here: an error is this piece's to report
+                log.debug("reading tokens/%s ahead failed; reading it again", name, exc_info=True)
+        self._shard = self._read(out_dir, name)
+        return self._shard, "here"
 
-            self._shard = None  # the last shard's arrays are released before the next one is read
-            tokens, sha256 = read_shard_and_sha256(output_path(out_dir) / TOKENS / name)
-            arrays = token_arrays(tokens)
-            lengths = compute_lengths(*arrays, self.spec.options, padding_side=self.spec.padding_side)
-            self._shard = _OpenShard(out_dir, name, sha256, arrays, length_order(lengths), tokens.num_rows,
-                                     "chunk" in tokens.column_names, Backoff(), lengths)
-        return self._shard
+    def _read_ahead(self, out_dir: str, name: str) -> None:
+        """Start reading ``tokens/<name>`` on the reader thread, unless it is being read already."""
+        if self._ahead and self._ahead[0] == (out_dir, name):
+            return
+        if self._reader is None:
+            self._reader = ThreadPoolExecutor(1, thread_name_prefix="read-ahead")
+        self._ahead = ((out_dir, name), self._reader.submit(self._read, out_dir, name))
+
+    def _read(self, out_dir: str, name: str) -> _OpenShard:
+        """Read and hash ``tokens/<name>``, and sort its rows by length (pyarrow and hashlib release the GIL)."""
+        from pipeline.encode.forward import Backoff, compute_lengths
+
+        tokens, sha256 = read_shard_and_sha256(output_path(out_dir) / TOKENS / name)
+        arrays = token_arrays(tokens)
+        lengths = compute_lengths(*arrays, self.spec.options, padding_side=self.spec.padding_side)
+        return _OpenShard(out_dir, name, sha256, arrays, length_order(lengths), tokens.num_rows,
+                          "chunk" in tokens.column_names, Backoff(), lengths)
 
 
 def _exit_if_device_lost(exc: Exception, where: str) -> None:

@@ -14,7 +14,7 @@ from pipeline.output.lock import lock_holder
 from pipeline.output.manifest import load_manifest
 from pipeline.output.outdir import looks_committed
 from pipeline.output.storage import output_path
-from pipeline.run.job_record import committed_records
+from pipeline.run.job_record import committed_records, computed_tokens
 
 
 @dataclass
@@ -32,6 +32,11 @@ class StageStatus:
     quarantined: int
     stale: list[str] = field(default_factory=list)
     """Embedding shards intact on disk whose token shard a rerun redoes (gone or altered)."""
+    tokens: int = 0
+    """Real tokens in the committed shards' rows (padding not counted)."""
+    computed_tokens: int | None = None
+    """Embeddings: token positions the forwards computed, padding included (None for shards recorded
+    without the count); ``computed_tokens / tokens`` is the padding waste the runs really had."""
 
 
 @dataclass
@@ -74,6 +79,7 @@ def output_status(out_dir: Path | str) -> OutputStatus:
             committed=len(kept[stage]), missing=[name for name in planned if name not in shards], damaged=damaged,
             rows=sum(s.get("rows", 0) for s in shards.values()),
             quarantined=sum(s.get("quarantined", 0) for s in shards.values()), stale=stale,
+            tokens=sum(s.get("tokens", 0) for s in shards.values()), computed_tokens=None if stage == TOKENS else computed_tokens(shards),
         ))
     status = manifest.get("status", "?")
     if status == "running" and holder is None:
@@ -87,8 +93,11 @@ def format_status(status: OutputStatus) -> str:
     for s in status.stages:
         line = (f"  {s.stage:<10} {s.status:<9} {s.committed}/{s.planned} shards committed, "
                 f"{len(s.missing)} missing, {s.rows:,} rows")
+        line += f", {s.tokens:,} tokens"
         if s.stage == "tokens":
             line += f", {s.quarantined:,} rows quarantined"
+        elif s.computed_tokens is not None and s.tokens:
+            line += f" ({s.computed_tokens:,} computed with padding, {s.computed_tokens / s.tokens - 1:.1%} more)"
         lines.append(line)
         if s.damaged:
             lines.append(f"  {'':<10} damaged or altered: {', '.join(s.damaged[:5])} (a rerun redoes them)")

@@ -117,6 +117,14 @@ def _run_job(config: JobConfig, stages: tuple[str, ...], force: bool, progress: 
                             engine).run(stages)
 
 
+def tokenize_threads(cpus: int, units_left: int) -> int:
+    """Threads for a tokenize task when ``units_left`` units (this one included) remain for ``cpus`` CPUs:
+    one, unless fewer units than CPUs are left, when each unit's task tokenizes on its share of the CPUs
+    (the task still books one CPU: encoder actors may hold the rest, idle until a token shard is committed).
+    The rows are the same for any thread count (:func:`pipeline.tokenize.stage.tokenize_batches`)."""
+    return max(1, cpus // max(1, units_left))
+
+
 def run_tokenize(config: JobConfig, *, force: bool = False, progress: ProgressCallback | None = None) -> StageResult:
     """Run the tokenize stage alone (see :func:`run_job`)."""
     return run_job(config, stages=(TOKENS,), force=force, progress=progress)[TOKENS]
@@ -173,7 +181,8 @@ class _Job:
         read = ReadSpec(source.text_column, source.id_column, TextRules(source.nul_bytes, source.max_text_bytes))
         spec_ref = engine.put(self.spec)
         # Enough in flight to keep every CPU busy while results are recorded, few enough to bound memory.
-        max_in_flight = 2 * max(1, int(engine.resources().get("CPU", 1)))
+        cpus = max(1, int(engine.resources().get("CPU", 1)))
+        max_in_flight = 2 * cpus
         token_refs: dict[Any, WorkUnit] = {}
         queue, waiting_shards = list(unit_todo), list(embed_todo)
 
@@ -181,7 +190,7 @@ class _Job:
             while queue and len(token_refs) < max_in_flight:
                 unit = queue.pop(0)
                 ref = engine.submit(tokenize_task, unit, self.names[unit.index], read, spec_ref, str(self.out_dir),
-                                    num_cpus=1)
+                                    tokenize_threads(cpus, len(queue) + len(token_refs) + 1), num_cpus=1)
                 token_refs[ref] = unit
 
         submit_tokenize()  # tokenizing starts while the encoders load their models

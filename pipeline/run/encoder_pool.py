@@ -78,8 +78,9 @@ def size_encoders(device: str, cpus: int, gpus: int) -> tuple[str, int, dict[str
 class EncoderActor(ShardEncoder):
     """The encoder actor: a :class:`ShardEncoder` whose piece statuses also carry the actor's peak memory."""
 
-    def embed_piece(self, out_dir: str, name: str, piece: int) -> tuple[dict[str, Any], Piece]:
-        status, result = super().embed_piece(out_dir, name, piece)
+    def embed_piece(self, out_dir: str, name: str, piece: int,
+                    read_ahead: str | None = None) -> tuple[dict[str, Any], Piece]:
+        status, result = super().embed_piece(out_dir, name, piece, read_ahead)
         status["peak_rss_mb"] = peak_rss_mb()
         status["pid"] = os.getpid()
         return status, result
@@ -96,6 +97,8 @@ class _Shard:
     peak_rss_mb: float = 0.0
     encoders: set[int] = field(default_factory=set)  # the processes that computed its pieces
     computed_tokens: int = 0  # positions the forwards computed, padding included
+    # How the actors got the token shard: read while their last piece computed ("ahead"), or before this one.
+    token_reads: dict[str, int] = field(default_factory=lambda: {"ahead": 0, "here": 0})
 
 
 @dataclass
@@ -141,7 +144,9 @@ class EncoderPool:
                 shard = self.shards[name] = _Shard(name, pieces, longest_first(pieces))
             index = min(self.load, key=self.load.get)
             piece = shard.todo.pop(0)
-            status, result = self.engine.call(self.actors[index], "embed_piece", out_dir, shard.name, piece,
+            # Near a shard's end, the actors read the next waiting shard while they compute.
+            ahead = waiting[0] if waiting and len(shard.todo) < len(self.actors) * PIECES_PER_ACTOR else None
+            status, result = self.engine.call(self.actors[index], "embed_piece", out_dir, shard.name, piece, ahead,
                                               num_returns=2)
             self.in_flight[status] = (index, self.actors[index], shard.name, piece)
             shard.done[piece] = result  # a reference: the driver never fetches it
@@ -173,13 +178,15 @@ class EncoderPool:
         shard.peak_rss_mb = max(shard.peak_rss_mb, status.get("peak_rss_mb", 0))
         shard.encoders.add(status["pid"])
         shard.computed_tokens += status["computed_tokens"]
+        if status.get("read"):
+            shard.token_reads[status["read"]] += 1
         running = {piece for _, _, n, piece in self.in_flight.values() if n == name}
         if shard.todo or running:
             return
         del self.shards[name]
         spec = self.plan.spec
         stats = {"pieces": shard.pieces, "encoders": len(shard.encoders), "computed_tokens": shard.computed_tokens,
-                 "peak_rss_mb": shard.peak_rss_mb}
+                 "token_reads": shard.token_reads, "peak_rss_mb": shard.peak_rss_mb}
         ref = self.engine.submit(assemble_task, out_dir, name, embedding_schema(spec, self.plan.with_chunk),
                                  spec.stored_dtype, stats, *(shard.done[p] for p in range(shard.pieces)),
                                  num_cpus=ASSEMBLE_CPUS)

@@ -68,6 +68,15 @@ class Resume:
         return len(self.kept.get(stage, {}))
 
 
+def computed_tokens(shards: dict[str, dict[str, Any]]) -> int | None:
+    """Token positions the embedding forwards computed over ``shards`` (an embeddings stage's records), padding
+    included: over the shards' real tokens, the padding waste the runs really had. None when a shard was
+    recorded without the count (an older embedpipe)."""
+    if not shards or any("computed_tokens" not in s for s in shards.values()):
+        return None
+    return sum(s["computed_tokens"] for s in shards.values())
+
+
 def committed_records(manifest: dict[str, Any], out_dir: Path, stage: str, *, checksum: bool = True,
                       tokens: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
     """The shards of ``stage`` the manifest lists that are in place as committed.

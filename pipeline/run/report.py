@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.output.commit import commit_bytes
-from pipeline.output.contract import REPORTS_DIR
+from pipeline.output.contract import EMBEDDINGS, REPORTS_DIR
 from pipeline.output.manifest import load_manifest
 from pipeline.output.storage import Location
+from pipeline.run.job_record import computed_tokens
 
 
 def peak_rss_mb() -> float:
@@ -48,6 +49,9 @@ def build_run_report(out_dir: Location, command: str, exit_status: int, error: s
             "rows_per_s": round(rows / stage_seconds, 1) if stage_seconds else None,
             "tokens_per_s": round(tokens / stage_seconds, 1) if stage_seconds else None,
         }
+        computed = computed_tokens(record.get("shards", {})) if name == EMBEDDINGS else None
+        if computed is not None:  # positions the forwards computed: over tokens, the padding waste
+            stages[name]["computed_tokens"] = computed
     return {
         "command": command, "exit_status": exit_status, "error": error,
         "out_dir": str(out_dir), "config_hash": manifest.get("config_hash"),

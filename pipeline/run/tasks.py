@@ -17,10 +17,12 @@ from pipeline.tokenize.core import TokenizeSpec
 from pipeline.tokenize.stage import ReadSpec, run_unit
 
 
-def tokenize_task(unit: WorkUnit, name: str, read: ReadSpec, spec: TokenizeSpec, out_dir: str) -> dict[str, Any]:
-    """Tokenize one work unit into ``tokens/<name>`` and return its report (where it ran, its peak memory)."""
+def tokenize_task(unit: WorkUnit, name: str, read: ReadSpec, spec: TokenizeSpec, out_dir: str,
+                  threads: int = 1) -> dict[str, Any]:
+    """Tokenize one work unit into ``tokens/<name>`` on ``threads`` threads and return its report (where it
+    ran, its peak memory)."""
     os.environ.update(WORKER_ENV)
-    report = run_unit(unit, name, read, spec, out_dir)
+    report = run_unit(unit, name, read, spec, out_dir, threads)
     report["node"] = current_node()
     report["peak_rss_mb"] = peak_rss_mb()
     return report

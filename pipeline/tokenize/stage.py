@@ -9,7 +9,9 @@ which a resume checks against the input before keeping the shard.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +27,7 @@ from pipeline.inputs.plan import WorkUnit
 from pipeline.output.commit import write_jsonl
 from pipeline.output.shards import write_shard
 from pipeline.output.storage import output_path
-from pipeline.tokenize.core import TokenizeSpec, TokenRows, length_histogram, to_table, tokenize_texts
+from pipeline.tokenize.core import TokenizeSpec, TokenRows, get_tokenizer, length_histogram, to_table, tokenize_texts
 from pipeline.tokenize.pack import PackedBlocks, pack_documents, packed_table
 
 # Texts handed to the tokenizer at once: bounds the Rust encodings alive at a time.
@@ -85,24 +87,55 @@ def _packed_report(spec: TokenizeSpec, rows: TokenRows, packed: PackedBlocks) ->
 
 
 def _tokenize_rows(unit: WorkUnit, read: ReadSpec, spec: TokenizeSpec,
-                   hasher: Any | None) -> tuple[TokenRows, list[BadRow], int]:
-    parts: list[TokenRows] = []
+                   hasher: Any | None, threads: int = 1) -> tuple[TokenRows, list[BadRow], int]:
     bad: list[BadRow] = []
     blank = 0
-    for batch in read_unit(unit, read, hasher):
-        bad.extend(batch.bad)
-        blank += batch.blank
-        if batch.texts:
-            parts.append(tokenize_texts(spec, batch.ids, batch.texts))
+
+    def good_rows() -> Iterator[tuple[list[str], list[str]]]:
+        nonlocal blank
+        for batch in read_unit(unit, read, hasher):
+            bad.extend(batch.bad)
+            blank += batch.blank
+            if batch.texts:
+                yield batch.ids, batch.texts
+
+    parts = tokenize_batches(spec, good_rows(), threads)
     if not parts:
         parts.append(tokenize_texts(spec, [], []))
     return TokenRows.concat(parts), bad, blank
 
 
-def run_unit(unit: WorkUnit, name: str, read: ReadSpec, spec: TokenizeSpec, out_dir: str) -> dict[str, Any]:
-    """Tokenize one unit and commit its shard ``tokens/<name>`` (and quarantine file); return the shard's report."""
+def tokenize_batches(spec: TokenizeSpec, batches: Iterator[tuple[list[str], list[str]]],
+                     threads: int = 1) -> list[TokenRows]:
+    """Tokenize (ids, texts) batches in order, on ``threads`` threads when more than one.
+
+    The Rust tokenizer releases the GIL while it encodes, so threads tokenize a unit's batches side by side
+    (what lets a job of fewer units than CPUs use every CPU). Each text is tokenized on its own, so the rows,
+    concatenated in input order, are the same whatever the thread count. The batches are read (and the
+    input hashed) in order on the calling thread, with at most ``2 * threads`` batches in flight.
+    """
+    if threads <= 1:
+        return [tokenize_texts(spec, ids, texts) for ids, texts in batches]
+    get_tokenizer(spec)  # built once, before the threads share it
+    parts: list[TokenRows] = []
+    pending: deque[Future[TokenRows]] = deque()
+    with ThreadPoolExecutor(threads, thread_name_prefix="tokenize") as pool:
+        for ids, texts in batches:
+            step = -(-len(texts) // threads)  # one read batch spread over every thread
+            for start in range(0, len(texts), step):
+                pending.append(pool.submit(tokenize_texts, spec, ids[start:start + step], texts[start:start + step]))
+            while len(pending) > 2 * threads:
+                parts.append(pending.popleft().result())
+        parts.extend(future.result() for future in pending)
+    return parts
+
+
+def run_unit(unit: WorkUnit, name: str, read: ReadSpec, spec: TokenizeSpec, out_dir: str,
+             threads: int = 1) -> dict[str, Any]:
+    """Tokenize one unit (on ``threads`` threads, see :func:`tokenize_batches`) and commit its shard
+    ``tokens/<name>`` (and quarantine file); return the shard's report."""
     hasher = input_hasher()
-    rows, bad, blank = _tokenize_rows(unit, read, spec, hasher)
+    rows, bad, blank = _tokenize_rows(unit, read, spec, hasher, threads)
     packing: dict[str, Any] = {}
     if spec.pack:
         table, packed = pack_unit(spec, unit.index, rows)
@@ -123,6 +156,7 @@ def run_unit(unit: WorkUnit, name: str, read: ReadSpec, spec: TokenizeSpec, out_
         "name": name,
         "unit": unit.index,
         "source": unit.describe(),
+        "threads": threads,
         # Blank JSONL lines are not rows: rows_in + blank_lines = the unit's lines, rows_in = texts + quarantined.
         "rows_in": unit.num_rows - blank,
         "blank_lines": blank,
