@@ -205,3 +205,15 @@ def test_status_shows_the_padding_the_forwards_computed(tmp_path, tiny_bert):
 
     report = build_run_report(out, "run", 0, None, 1.0, since="")
     assert report["stages"]["embeddings"]["computed_tokens"] == stages["embeddings"]["computed_tokens"]
+
+
+def test_bfloat16_on_a_cpu_without_native_kernels_is_warned_about(caplog):
+    import torch
+
+    from pipeline.encode.cpu_linear import warn_if_bfloat16_is_emulated
+
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    with caplog.at_level("WARNING", logger="embedpipe"):
+        assert warn_if_bfloat16_is_emulated(torch.float32) is False
+        assert warn_if_bfloat16_is_emulated(torch.bfloat16) is (not native)
+    assert ("emulates bfloat16" in caplog.text) is (not native)
