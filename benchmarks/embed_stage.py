@@ -57,6 +57,21 @@ def st_worker(texts_path: Path, batch_size: int, out_npy: Path, device: str) -> 
     print(json.dumps({"load_s": loaded - started, "encode_s": done - loaded}))
 
 
+def cpu_model() -> str:
+    """The processor's model name (lscpu's), for the figures' context."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def native_bfloat16() -> bool:
+    """Whether oneDNN has native bfloat16 kernels here (AVX512-BF16 or AMX)."""
+    import torch
+
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def timed(cmd: list[str]) -> tuple[float, str]:
     started = time.perf_counter()
     done = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, check=False)
@@ -128,15 +143,19 @@ def write_rows(corpus: Path, n: int, work: Path) -> tuple[Path, Path, list[str]]
     return rows_path, texts_path, texts
 
 
-def run_shape(name: str, rows: int, shard_rows: int, corpus: Path, work: Path, scaling: bool) -> dict:
+def run_shape(name: str, rows: int, shard_rows: int, corpus: Path, work: Path, scaling: bool, bf16: bool) -> dict:
     """Every contender on one shape; returns the figures (also printed)."""
     work.mkdir(parents=True)
     rows_path, texts_path, texts = write_rows(corpus, rows, work)
-    contenders = {"float32": [], "bfloat16": ["encoder.dtype=bfloat16"]}
+    contenders = {"float32": []}
+    if bf16:
+        contenders["bfloat16"] = ["encoder.dtype=bfloat16"]
     if scaling:
         contenders["float32, 1 CPU (1 actor)"] = ["ray.num_cpus=1"]
+        contenders["float32, Ray executor"] = ["ray.executor=ray"]
         contenders["float32, packed"] = ["encoder.packed=true"]
-        contenders["bfloat16, packed"] = ["encoder.dtype=bfloat16", "encoder.packed=true"]
+        if bf16:
+            contenders["bfloat16, packed"] = ["encoder.dtype=bfloat16", "encoder.packed=true"]
     runs = {}
     for label, settings in contenders.items():
         out = work / f"out-{len(runs)}"
@@ -180,7 +199,11 @@ def run_shape(name: str, rows: int, shard_rows: int, corpus: Path, work: Path, s
               f"(whole processes, tokenize and start-up included)")
     targets = []
     for dtype, (speedup, cosine) in TARGETS.items():
-        run = runs[dtype]
+        run = runs.get(dtype)
+        if run is None:
+            targets.append({"name": f"{name}: {dtype} run >= {speedup}x the faster ST", "value": None,
+                            "pass": None, "why": "not run: this CPU has no native bfloat16 (AVX512-BF16 or AMX)"})
+            continue
         ratio = fastest / run["process_s"]
         targets.append({"name": f"{name}: {dtype} run >= {speedup}x the faster ST", "value": ratio,
                         "pass": ratio >= speedup})
@@ -198,6 +221,7 @@ def main() -> None:
     ap.add_argument("--rows-large", type=int, default=10_000)
     ap.add_argument("--workdir", type=Path, default=REPO / "bench-work" / "embed")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--bf16", action="store_true", help="run the bfloat16 contenders on a CPU without native bfloat16")
     ap.add_argument("--st-worker", nargs=4, metavar=("TEXTS", "BATCH", "NPY", "DEVICE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.st_worker:
@@ -205,17 +229,26 @@ def main() -> None:
         return
     if not args.corpus.exists():  # real-looking text from the docs of this virtualenv's packages
         make_corpus = REPO.parent / "shared" / "tools" / "make_corpus.py"
+        args.corpus.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, str(make_corpus), str(args.corpus), "--mb", "20"], check=True)
     shutil.rmtree(args.workdir, ignore_errors=True)
-    shapes = {}
+    bf16 = args.bf16 or native_bfloat16()
+    print(f"CPU: {cpu_model()}; native bfloat16 kernels: {native_bfloat16()}"
+          + ("" if bf16 else " -> the bfloat16 contenders are not run (torch would emulate bfloat16, several "
+                             "times slower than float32; --bf16 runs them anyway)"))
+    shapes = {"machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "native_bfloat16": native_bfloat16()}}
     if args.shape in ("one-shard", "both"):
-        shapes["one-shard"] = run_shape("one-shard", args.rows, 10_000, args.corpus, args.workdir / "one-shard", True)
+        shapes["one-shard"] = run_shape("one-shard", args.rows, 10_000, args.corpus, args.workdir / "one-shard", True,
+                                        bf16)
     if args.shape in ("several-shards", "both"):
         shapes["several-shards"] = run_shape("several-shards", args.rows_large, 2_500, args.corpus,
-                                             args.workdir / "several-shards", False)
+                                             args.workdir / "several-shards", False, bf16)
     print("\ntargets:")
-    for shape in shapes.values():
+    for shape in (v for k, v in shapes.items() if k != "machine"):
         for target in shape["targets"]:
+            if target["pass"] is None:
+                print(f"  ----  {target['name']:58} {target['why']}")
+                continue
             print(f"  {'PASS' if target['pass'] else 'FAIL'}  {target['name']:58} {target['value']:.4f}")
     if args.json:
         args.json.write_text(json.dumps(shapes, indent=1))

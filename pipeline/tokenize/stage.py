@@ -9,6 +9,7 @@ which a resume checks against the input before keeping the shard.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -134,6 +135,7 @@ def run_unit(unit: WorkUnit, name: str, read: ReadSpec, spec: TokenizeSpec, out_
              threads: int = 1) -> dict[str, Any]:
     """Tokenize one unit (on ``threads`` threads, see :func:`tokenize_batches`) and commit its shard
     ``tokens/<name>`` (and quarantine file); return the shard's report."""
+    started = time.perf_counter()
     hasher = input_hasher()
     rows, bad, blank = _tokenize_rows(unit, read, spec, hasher, threads)
     packing: dict[str, Any] = {}
@@ -157,6 +159,7 @@ def run_unit(unit: WorkUnit, name: str, read: ReadSpec, spec: TokenizeSpec, out_
         "unit": unit.index,
         "source": unit.describe(),
         "threads": threads,
+        "seconds": round(time.perf_counter() - started, 3),  # read, tokenize and commit, in the task
         # Blank JSONL lines are not rows: rows_in + blank_lines = the unit's lines, rows_in = texts + quarantined.
         "rows_in": unit.num_rows - blank,
         "blank_lines": blank,
