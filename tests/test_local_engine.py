@@ -156,6 +156,18 @@ def test_auto_picks_local_without_a_cluster_and_ray_with_one(monkeypatch):
     assert choose_executor(validate_config(_job())) == "ray"
 
 
+def test_an_explicit_local_executor_wins_over_ray_address_and_says_so(monkeypatch, caplog):
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    with caplog.at_level("WARNING", logger="embedpipe"):
+        assert choose_executor(validate_config(_job(executor="local"))) == "local"
+    assert "RAY_ADDRESS is 'ray://head:10001', but ray.executor: local" in caplog.text
+    monkeypatch.delenv("RAY_ADDRESS")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="embedpipe"):
+        assert choose_executor(validate_config(_job(executor="local"))) == "local"
+    assert caplog.text == ""
+
+
 def test_local_executor_refuses_a_cluster_address_and_a_gpu_encoder():
     with pytest.raises(ConfigError, match="ray.address"):
         choose_executor(validate_config(_job(executor="local", address="auto")))

@@ -5,6 +5,7 @@ See :mod:`pipeline.run.engine`: the local engine (worker processes, no Ray) or t
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -17,6 +18,8 @@ from pipeline.run.engine import WORKER_ENV, Engine
 
 if TYPE_CHECKING:
     from pipeline.config import JobConfig
+
+log = logging.getLogger("embedpipe")
 
 
 def visible_gpus() -> int:
@@ -50,6 +53,9 @@ def choose_executor(config: JobConfig) -> str:
         if config.encoder.device == "cuda":
             raise ConfigError("ray.executor: 'local' runs encoders on CPU only; use executor: ray (or auto) "
                               "for encoder.device: cuda")
+        if address:  # only the environment names a cluster: the config's explicit choice wins, but say so
+            log.warning("RAY_ADDRESS is %r, but ray.executor: local runs this job on this machine without Ray",
+                        address)
         return "local"
     if executor == "ray" or address or _ray_initialized() or visible_gpus():
         return "ray"
