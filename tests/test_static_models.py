@@ -144,6 +144,15 @@ def test_tokenizer_defaults_are_the_library_s(models):
     assert static_model_files(models["st"]).kind == "sentence_transformers"
 
 
+def test_static_model_actors_book_cpus_on_a_gpu_cluster(models):
+    from pipeline.run.encoder_pool import plan_encoders
+
+    config = _config(models["model2vec"])
+    plan = plan_encoders(config, load_tokenize_spec(config), {"CPU": 4, "GPU": 2})
+    assert plan.spec.static and plan.spec.device == "cpu"
+    assert "num_gpus" not in plan.resources and plan.count == 4  # one per CPU, no GPU left idle and booked
+
+
 def test_a_transformers_model_is_not_static(tmp_path):
     from tiny_models import build_tiny_bert
 

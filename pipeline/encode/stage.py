@@ -434,7 +434,7 @@ def calibrate_ranges(spec: EmbedSpec, out_dir: str, name: str, rows: int) -> np.
     cpu = replace(spec, device="cpu", options=replace(spec.options, dtype=torch.float32), num_threads=None,
                   piece_rows=rows)
     encoder = ShardEncoder(cpu)
-    shard = encoder._open(out_dir, name)
+    shard, _ = encoder._open(out_dir, name)
     first = np.arange(min(rows, shard.rows), dtype=np.int64)
     input_ids, mask, type_ids = (_take(column, first) for column in shard.arrays)
     if cpu.static:

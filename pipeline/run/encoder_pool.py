@@ -45,9 +45,13 @@ class EncoderPlan:
 def plan_encoders(config: JobConfig, spec: TokenizeSpec, resources: dict[str, float]) -> EncoderPlan:
     """Size the encoder actors for the cluster's ``resources`` (CPU, GPU) and check the encoder settings
     (ConfigError)."""
-    device, count, booked, threads = size_encoders(config.encoder.device, cpus=int(resources.get("CPU", 1)),
-                                                   gpus=int(resources.get("GPU", 0)))
-    return EncoderPlan(count, booked, plan_embed(config, spec, device, threads), spec.stride is not None)
+    cpus, gpus = int(resources.get("CPU", 1)), int(resources.get("GPU", 0))
+    device, count, booked, threads = size_encoders(config.encoder.device, cpus=cpus, gpus=gpus)
+    embed = plan_embed(config, spec, device, threads)
+    if embed.static and device == "cuda":  # a table lookup and a mean, on the CPU: GPU actors would idle the GPUs
+        device, count, booked, threads = size_encoders("cpu", cpus=cpus, gpus=gpus)
+        embed = plan_embed(config, spec, device, threads)
+    return EncoderPlan(count, booked, embed, spec.stride is not None)
 
 
 def size_encoders(device: str, cpus: int, gpus: int) -> tuple[str, int, dict[str, float], int | None]:
