@@ -215,3 +215,15 @@ def test_truncate_dim_equals_sentence_transformers(models, tmp_path):
     ours = _embed_in_process(_config(models["st"], encoder={"truncate_dim": 8}), TEXTS, tmp_path)
     ref = SentenceTransformer(str(models["st"]), device="cpu", truncate_dim=8).encode(TEXTS, normalize_embeddings=True)
     _assert_rows_equal(ours, ref)
+
+
+def test_the_hash_tells_an_explicit_special_tokens_setting_from_the_model_s_default(models):
+    from pipeline.tokenize.st_config import resolve_job_config
+
+    unset = resolve_job_config(_config(models["model2vec"]))
+    explicit_true = resolve_job_config(_config(models["model2vec"], tokenizer={"add_special_tokens": True}))
+    explicit_false = resolve_job_config(_config(models["model2vec"], tokenizer={"add_special_tokens": False}))
+    assert load_tokenize_spec(unset).add_special_tokens is False
+    assert load_tokenize_spec(explicit_true).add_special_tokens is True
+    assert unset.stage_hashes()["tokens"] != explicit_true.stage_hashes()["tokens"]
+    assert unset.stage_hashes()["tokens"] == explicit_false.stage_hashes()["tokens"]  # the same tokens

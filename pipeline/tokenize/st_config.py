@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import ConfigError
 from pipeline.hub import locate_model, resolve_alias
-from pipeline.tokenize.static_models import static_model_files
+from pipeline.tokenize.static_models import static_model_files, static_tokenizer_defaults
 
 if TYPE_CHECKING:
     from pipeline.config import EncoderConfig, JobConfig
@@ -284,4 +284,17 @@ def resolve_job_config(config: JobConfig) -> JobConfig:
     tokenizer = config.tokenizer
     if tokenizer.max_length is None and st.max_seq_length and tokenizer_is_the_encoders(config):
         tokenizer = tokenizer.model_copy(update={"max_length": st.max_seq_length})
+    tokenizer = _with_static_defaults(tokenizer, config.encoder.model)
     return config.model_copy(update={"encoder": encoder, "tokenizer": tokenizer})
+
+
+def _with_static_defaults(tokenizer: Any, model: str) -> Any:
+    """A static model's tokenize settings written into the unset ``tokenizer.*`` keys: the stage uses them
+    (:func:`pipeline.tokenize.loading.load_tokenize_spec`), so the hash must say them, or an explicit
+    ``add_special_tokens: true`` and an unset one (false for a static model) would hash alike."""
+    static = static_model_files(resolve_alias(model))
+    if static is None:
+        return tokenizer
+    defaults = static_tokenizer_defaults(static)
+    defaults.pop("chars_per_token", None)  # follows from the model's files, which the hash covers
+    return tokenizer.model_copy(update={k: v for k, v in defaults.items() if k not in tokenizer.model_fields_set})
