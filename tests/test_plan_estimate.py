@@ -179,7 +179,8 @@ def test_a_gpu_cluster_seen_from_a_cpu_machine_is_not_guessed(job, monkeypatch):
     monkeypatch.setattr("pipeline.run.executor.visible_gpus", lambda: 0)  # whatever this machine has
     preview = preview_job(load_config(job["config"]), ("tokens", "embeddings"), cpus=16, gpus=2)
     estimate = preview.estimate
-    assert estimate["cluster"] == {"executor": "ray", "cpus": 16, "gpus": 2, "source": "--cpus 16 and --gpus 2, ray executor"}
+    assert estimate["cluster"] == {"executor": "ray", "cpus": 16, "gpus": 2,
+                                   "source": "--cpus 16 and --gpus 2, ray executor"}
     assert estimate["seconds"]["tokenize"] > 0 and estimate["seconds"]["embed"] is None
     assert estimate["seconds"]["total"] is None and "encoder_tokens_per_s" not in estimate["measured"]
     assert estimate["work"]["device"] == "cuda" and any("this machine has none" in n for n in estimate["notes"])

@@ -105,22 +105,31 @@ def tokenize_sample(spec: TokenizeSpec, samples: list[tuple[list[str], list[str]
     with worker_environment():
         get_tokenizer(spec)  # built once per worker: not part of the rate
         if timed and samples:  # nor the first table's one-time costs (~0.4 s of pyarrow set-up)
-            to_table(spec, tokenize_texts(spec, *samples[0]))
+            _lay_out(spec, tokenize_texts(spec, *samples[0]))
         started = time.perf_counter()
         parts = [tokenize_texts(spec, ids, texts) for ids, texts in samples]
-        tables = [to_table(spec, rows) for rows in parts] if timed else []
+        for rows in parts if timed else []:
+            _lay_out(spec, rows)
         elapsed, repeats = time.perf_counter() - started, 1
         while timed and parts and elapsed < _TOKENIZE_MIN_S and repeats < _TOKENIZE_REPEATS:
             again = time.perf_counter()
             for ids, texts in samples:
-                to_table(spec, tokenize_texts(spec, ids, texts))
+                _lay_out(spec, tokenize_texts(spec, ids, texts))
             elapsed, repeats = elapsed + time.perf_counter() - again, repeats + 1
-    del tables
     if not parts:
         return None, None
     rows = TokenRows.concat(parts)
     tokens = int(rows.lengths.sum()) * repeats
     return rows, (tokens / elapsed if timed and elapsed > 0 and tokens else None)
+
+
+def _lay_out(spec: TokenizeSpec, rows: TokenRows) -> Any:
+    """The shard table a tokenize task makes of ``rows`` (packed into blocks with ``tokenizer.pack``)."""
+    if spec.pack:
+        from pipeline.tokenize.stage import pack_unit
+
+        return pack_unit(spec, 0, rows)[0]
+    return to_table(spec, rows)
 
 
 def import_torch() -> float:
