@@ -118,7 +118,8 @@ def test_plan_measures_rates_and_estimates_every_stage(job):
     assert measured["tokenizer_tokens_per_s"] > 0 and measured["encoder_tokens_per_s"] > 0
     assert measured["model_load_s"] > 0 and measured["device"] == "cpu" and measured["dtype"] == "float32"
     assert 0 < seconds["tokenize"] <= seconds["embed"] <= seconds["total"]
-    assert estimate["work"]["pieces"] == 3 and estimate["work"]["padding"] >= 1.0 and not estimate["notes"]
+    assert estimate["work"]["pieces"] == 3 and estimate["work"]["padding"] >= 1.0
+    assert not [note for note in estimate["notes"] if "not estimated" in note]  # a busy machine is only noted
 
 
 def test_the_terminal_lines_say_the_cluster_and_the_rates(job):
@@ -190,7 +191,8 @@ def test_a_gpu_cluster_seen_from_a_cpu_machine_is_not_guessed(job, monkeypatch):
 def test_a_named_ray_cluster_is_not_contacted(job):
     estimate = _plan(job, "--stages", "tokenize", "--set", "ray.executor=auto", "--set",
                      "ray.address=ray://nowhere:10001")["estimate"]
-    assert estimate["cluster"] is None and "--cpus" in estimate["notes"][0] and "nowhere" in estimate["notes"][0]
+    unknown = [note for note in estimate["notes"] if "not estimated" in note]
+    assert estimate["cluster"] is None and "--cpus" in unknown[0] and "nowhere" in unknown[0]
     sized = _plan(job, "--stages", "tokenize", "--set", "ray.executor=auto", "--set",
                   "ray.address=ray://nowhere:10001", "--cpus", "32")["estimate"]
     assert sized["cluster"]["cpus"] == 32 and sized["cluster"]["executor"] == "ray"

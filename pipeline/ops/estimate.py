@@ -14,7 +14,7 @@ turns them into times by replaying how the stages schedule their work:
   help only down to the longest piece. A shard's pieces start once its token shard is committed (in ``run``)
   and the models are loaded.
 - run: both schedules replayed together; on a CPU cluster the tokenize tasks and the encoder actors share the
-  cores, so the work of both over the cores bounds it too. Roughly max(tokenize, embed) plus the first
+  cores, so the work of both (the actors' model loads included) over the cores bounds it too. Roughly max(tokenize, embed) plus the first
   shard's tokenize time (or the model load, whichever is longer) plus the fixed costs.
 
 Assumptions: actors scale linearly (CPU actors are single-threaded, one per core: a 2-core run measured 1.70x
@@ -180,8 +180,9 @@ def estimate_job(stages: Sequence[str], cluster: Cluster, unit_tokens: Sequence[
     order = np.argsort(ready, kind="stable")
     embed_end = max(list_schedule([pieces[i] for i in order], encoders.actors, [ready[i] for i in order],
                                   start=loaded), default=loaded)
-    if tokenizes and encoders.device == "cpu":  # the tasks and the actors share the cores
-        embed_end = max(embed_end, start + (sum(token_work) + sum(pieces)) / max(1, cluster.cpus))
+    if tokenizes and encoders.device == "cpu":  # the tasks and the actors (their loads too) share the cores
+        work = sum(token_work) + sum(pieces) + encoders.actors * rates.model_load_s
+        embed_end = max(embed_end, start + work / max(1, cluster.cpus))
     return Estimate(tokenize_end, embed_end, embed_end + EXIT_S[cluster.executor], slots, base.pieces,
                     computed, base.padding)
 

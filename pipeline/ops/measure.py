@@ -29,7 +29,7 @@ from pipeline.tokenize.core import TokenizeSpec, TokenRows, get_tokenizer, to_ta
 _TOKENIZE_MIN_S = 0.2
 _TOKENIZE_REPEATS = 20
 # Timing the encoder: after one warm-up batch, rows until this many seconds or the sample is used up.
-ENCODE_BUDGET_S = 2.5
+ENCODE_BUDGET_S = 2.0
 
 
 def cluster_for(config: JobConfig, cpus: int | None = None, gpus: int | None = None) -> tuple[Cluster | None, str]:
@@ -209,10 +209,9 @@ def measure_encoder(embed_spec: Any, spec: TokenizeSpec, rows: TokenRows,
     run(order[:per_batch])  # warm-up: first-call costs (kernels, allocations) are not the rate
     measured = order[per_batch:] if len(order) > per_batch else order
     computed, done, began = 0, 0, time.perf_counter()
-    step = 4 * per_batch  # a few batches a call, as a piece is
-    while done < len(measured) and time.perf_counter() - began < budget_s:
-        computed += run(measured[done:done + step])
-        done += step
+    while done < len(measured) and time.perf_counter() - began < budget_s:  # a batch a call: ends near the budget
+        computed += run(measured[done:done + per_batch])
+        done += per_batch
     seconds = time.perf_counter() - began
     dtype = "float32" if embed_spec.static else str(options.dtype).removeprefix("torch.")
     return EncoderRate(load_s, computed / seconds if seconds > 0 else 0.0, min(done, len(measured)), computed,
@@ -248,6 +247,9 @@ def estimate_plan(config: JobConfig, spec: TokenizeSpec, stages: tuple[str, ...]
         return result
     if job.tokenize_tokens_per_s:
         measured["tokenizer_tokens_per_s"] = round(job.tokenize_tokens_per_s, 1)
+    busy = _busy(measured)
+    if busy:
+        notes.append(busy)
     if cluster is None:
         notes.append(f"not estimated: {source}")
         return result
@@ -266,6 +268,23 @@ def estimate_plan(config: JobConfig, spec: TokenizeSpec, stages: tuple[str, ...]
     if encoders is not None:
         result["work"] |= {"actors": encoders.actors, "device": encoders.device}
     return result
+
+
+def _busy(measured: dict[str, Any]) -> str | None:
+    """A note when other work holds this machine's cores: the rates measured here are then low, and a run here
+    shares the cores too (its actors get less than the one core plan's single measurement had)."""
+    from pipeline.run.local_engine import local_cpus
+
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # not on this platform
+        return None
+    cores = local_cpus(None)
+    measured["load_average"] = round(load, 2)
+    if load < max(1.0, cores / 2):
+        return None
+    return (f"note: this machine is busy (load average {load:.1f} on {cores} cores): the rates measured here are "
+            "lower than on a quiet one, and a run here would get less of each core than the measurement did")
 
 
 def _embed_side(config: JobConfig, spec: TokenizeSpec, cluster: Cluster, job: JobSample, rates: Rates,

@@ -89,6 +89,8 @@ def preview_job(config: JobConfig, stages: tuple[str, ...], *, estimate: bool = 
     """
     from pipeline.tokenize.st_config import resolve_job_config
 
+    # A run's driver imports torch before any work of a job that embeds: timed first, before anything here does.
+    torch_import_s = import_torch() if estimate and "embeddings" in stages and not config.tokenizer.pack else 0.0
     config, models = pin_revisions(config)
     config = resolve_job_config(config)  # as a run resolves it: the rerun outcome compares config hashes
     found = find_inputs(config.input.path, config.input.format, exclude=config.output.path)
@@ -118,7 +120,6 @@ def preview_job(config: JobConfig, stages: tuple[str, ...], *, estimate: bool = 
         per_row = spec.max_length * (token_bytes + 1 + 4) + 64
     estimated = {"tokens": int(est_rows * per_row)}
     rerun, skip = _rerun_outcome(config, out_dir, old, files, plan, spec, stages, models)
-    torch_import_s = import_torch() if estimate and "embeddings" in stages and not spec.pack else 0.0
     embed = None
     if "embeddings" in stages and config.tokenizer.pack:
         try:
