@@ -14,8 +14,8 @@ turns them into times by replaying how the stages schedule their work:
   help only down to the longest piece. A shard's pieces start once its token shard is committed (in ``run``)
   and the models are loaded.
 - run: both schedules replayed together; on a CPU cluster the tokenize tasks and the encoder actors share the
-  cores, so the work of both (the actors' model loads included) over the cores bounds it too. Roughly max(tokenize, embed) plus the first
-  shard's tokenize time (or the model load, whichever is longer) plus the fixed costs.
+  cores, so the work of both (the actors' model loads included) over the cores bounds it too. Roughly
+  max(tokenize, embed) plus the first shard's tokenize time (or the model load, if longer) plus fixed costs.
 
 Assumptions: actors scale linearly (CPU actors are single-threaded, one per core: a 2-core run measured 1.70x
 from one actor to two, whole processes); an actor given more than one thread (past MAX_CPU_ACTORS cores) runs
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -92,9 +92,6 @@ class Estimate:
     def seconds(self) -> dict[str, float | None]:
         return {k: None if v is None else round(v, 1) for k, v in
                 (("tokenize", self.tokenize), ("embed", self.embed), ("total", self.total))}
-
-    def to_json(self) -> dict:
-        return asdict(self) | {"seconds": self.seconds()}
 
 
 def spread(lengths: np.ndarray, rows: int) -> np.ndarray:
@@ -164,7 +161,8 @@ def estimate_job(stages: Sequence[str], cluster: Cluster, unit_tokens: Sequence[
     if not embeds:
         total = None if tokenize_end is None else tokenize_end + EXIT_S[cluster.executor]
         return Estimate(tokenize_end, None, total, slots)
-    costs = [piece_costs(lengths, rows, encoders) for rows in shard_rows]
+    by_size = {rows: piece_costs(lengths, rows, encoders) for rows in set(shard_rows)}  # most shards: one size
+    costs = [by_size[rows] for rows in shard_rows]
     computed = sum(map(sum, costs))
     unbatched = sum(int(spread(lengths, rows).sum()) for rows in shard_rows)
     base = Estimate(tokenize_end, None, None, slots, sum(map(len, costs)), computed,

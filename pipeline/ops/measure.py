@@ -306,7 +306,7 @@ def _embed_side(config: JobConfig, spec: TokenizeSpec, cluster: Cluster, job: Jo
     options = embed_spec.options
     encoders = Encoders(embed_spec.device, count, float(booked.get("num_cpus", 0.0)), embed_spec.piece_rows,
                         options.max_tokens_per_batch, spec.fixed_width,
-                        options.packed and options.use_attention_mask and not embed_spec.static)
+                        embed_spec.static or (options.packed and options.use_attention_mask))  # no padding computed
     lengths = sample_arrays(embed_spec, spec, job.rows)[1]
     if embed_spec.device == "cuda" and not visible_gpus():
         notes.append(f"embed not estimated: the run's encoders would run on {cluster.gpus} GPUs and this machine "
