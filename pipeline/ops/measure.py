@@ -283,7 +283,7 @@ def _busy(measured: dict[str, Any]) -> str | None:
     measured["load_average"] = round(load, 2)
     if load < max(1.0, cores / 2):
         return None
-    return (f"note: this machine is busy (load average {load:.1f} on {cores} cores): the rates measured here are "
+    return (f"this machine is busy (load average {load:.1f} on {cores} cores): the rates measured here are "
             "lower than on a quiet one, and a run here would get less of each core than the measurement did")
 
 
