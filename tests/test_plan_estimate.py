@@ -4,6 +4,7 @@ rates plan measures on a tiny model, in real subprocesses and in process. No ass
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -198,3 +199,20 @@ def test_a_named_ray_cluster_is_not_contacted(job):
     assert sized["cluster"]["cpus"] == 32 and sized["cluster"]["executor"] == "ray"
     assert sized["seconds"]["tokenize"] > 0
 
+
+
+def test_the_cluster_assumed_and_where_it_came_from(job, monkeypatch):
+    from pipeline.config import load_config
+    from pipeline.ops.measure import cluster_for, worker_environment
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr("pipeline.run.executor.visible_gpus", lambda: 0)
+    cluster, source = cluster_for(load_config(job["config"], ["ray.num_cpus=3"]))
+    assert (cluster.executor, cluster.cpus, cluster.gpus) == ("local", 3, 0) and "ray.num_cpus" in source
+    cluster, _ = cluster_for(load_config(job["config"], ["ray.executor=ray", "ray.num_cpus=5"]))
+    assert (cluster.executor, cluster.cpus) == ("ray", 5) and "local Ray cluster" in cluster.source
+    assert cluster_for(load_config(job["config"], ["ray.executor=ray"]), gpus=4)[0].gpus == 4
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
+    with worker_environment():  # the tokenizer is timed as a worker runs it, and the setting comes back after
+        assert os.environ["TOKENIZERS_PARALLELISM"] == "false" and os.environ["RAYON_NUM_THREADS"] == "1"
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "true"
