@@ -168,11 +168,19 @@ for _row in STAGE_COMMANDS:
 @click.option("--stages", type=click.Choice(["run", "tokenize", "embed"]), default="run", show_default=True,
               help="Which command's work to plan.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as one JSON object.")
-def plan(config: str, overrides: tuple[str, ...], output: str | None, stages: str, as_json: bool) -> None:
+@click.option("--estimate/--no-estimate", default=True, show_default=True,
+              help="Time the tokenizer and the encoder on the sample here (seconds) and estimate each stage's "
+                   "wall time; --no-estimate skips the model load, for a fast plan.")
+@click.option("--cpus", type=click.IntRange(min=1), help="Estimate for a cluster of this many CPUs.")
+@click.option("--gpus", type=click.IntRange(min=0), help="Estimate for a cluster of this many GPUs.")
+def plan(config: str, overrides: tuple[str, ...], output: str | None, stages: str, as_json: bool, estimate: bool,
+         cpus: int | None, gpus: int | None) -> None:
     """Dry run: the units and shards a run would write, rows and tokens estimated from a sample,
-    the stages, and what a run now would skip. Writes nothing and starts no Ray cluster.
+    the stages, what a run now would skip, and how long each stage would take on the cluster a run
+    would use (or one of --cpus / --gpus), from the tokenizer and encoder timed here on the sample.
+    Writes nothing and starts or joins no Ray cluster.
 
-    Example: embedpipe plan conf/default.yaml -o out/default
+    Example: embedpipe plan conf/default.yaml -o out/default --cpus 16
     """
     import json
 
@@ -181,7 +189,7 @@ def plan(config: str, overrides: tuple[str, ...], output: str | None, stages: st
 
     with errors_to_exit_codes():
         job = load_config(config, list(overrides), output)
-        preview = preview_job(job, check_stages(stages))
+        preview = preview_job(job, check_stages(stages), estimate=estimate, cpus=cpus, gpus=gpus)
     click.echo(json.dumps(preview.to_json(), indent=1) if as_json else format_preview(preview))
 
 

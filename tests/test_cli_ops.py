@@ -71,7 +71,7 @@ def test_plan_writes_nothing_and_predicts_the_run(setup, tmp_path):
     assert preview["rows"] == 120 and len(preview["units"]) == 5 and preview["rerun"].startswith("fresh")
     assert embedpipe("run", setup["config"], "-o", str(out), "--no-progress").returncode == 0
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
-    again = json.loads(embedpipe("plan", setup["config"], "-o", str(out), "--json").stdout)
+    again = json.loads(embedpipe("plan", setup["config"], "-o", str(out), "--json", "--no-estimate").stdout)
     assert again["rerun"].startswith("nothing to do") and again["would_skip"] == {"tokens": 5, "embeddings": 5}
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
     assert [u["shard"] for u in preview["units"]] == sorted(manifest(out)["stages"]["tokens"]["shards"])
@@ -88,7 +88,7 @@ def test_plan_and_status_predict_what_run_redoes_on_a_damaged_output(setup, tmp_
     data[-9] ^= 0xFF  # same size, other bytes: only a checksum tells
     shard.write_bytes(bytes(data))
     # the embedding shard made from the damaged token shard is still intact, yet it must be redone too
-    preview = json.loads(embedpipe("plan", setup["config"], "-o", str(out), "--json").stdout)
+    preview = json.loads(embedpipe("plan", setup["config"], "-o", str(out), "--json", "--no-estimate").stdout)
     assert preview["would_skip"] == {"tokens": 4, "embeddings": 4}, preview["rerun"]
     done = embedpipe("run", setup["config"], "-o", str(out), "--no-progress")
     assert done.returncode == 0, done.stderr
@@ -100,7 +100,7 @@ def test_plan_and_status_predict_what_run_redoes_on_a_damaged_output(setup, tmp_
     by_stage = {s["stage"]: s for s in status["stages"]}
     assert by_stage["tokens"]["damaged"] == [damaged] and by_stage["embeddings"]["damaged"] == []
     assert by_stage["embeddings"]["stale"] == [damaged] and by_stage["embeddings"]["committed"] == 4
-    preview = json.loads(embedpipe("plan", setup["config"], "-o", str(out), "--json").stdout)
+    preview = json.loads(embedpipe("plan", setup["config"], "-o", str(out), "--json", "--no-estimate").stdout)
     assert preview["would_skip"] == {"tokens": 4, "embeddings": 4}
 
 

@@ -94,7 +94,7 @@ def test_read_only_commands_give_findings_never_a_traceback(good, tmp_path):
         kind = _damage(out, rng)
         seen.add(kind)
         commands = [["status", str(out)], ["verify", str(out)], ["inspect", str(out)],
-                    ["inspect", str(out / "tokens")], ["plan", good["config"], "-o", str(out)],
+                    ["inspect", str(out / "tokens")], ["plan", good["config"], "-o", str(out), "--no-estimate"],
                     ["plot", str(out), "--out", str(tmp_path / "p.png"), "--sample", "5", "--labels", "0"]]
         for command in commands:
             result = runner.invoke(main, command)

@@ -22,10 +22,10 @@ from pipeline.inputs.discovery import find_inputs
 from pipeline.inputs.files import TextRules
 from pipeline.output.manifest import differences, embedding_differences, load_manifest, new_manifest
 from pipeline.output.ownership import files_in_the_way, foreign_entries
+from pipeline.ops.measure import JobSample, estimate_plan, format_estimate, import_torch, tokenize_sample
 from pipeline.output.storage import output_path
 from pipeline.run.increments import plan_job
 from pipeline.run.job_record import decide_resume
-from pipeline.tokenize.core import tokenize_texts
 from pipeline.tokenize.loading import check_pack_stages, load_tokenize_spec
 from pipeline.tokenize.stage import ReadSpec, read_unit
 
@@ -55,17 +55,19 @@ class PlanPreview:
     skipped: list[dict[str, str]] = field(default_factory=list)
     models: dict[str, dict[str, str]] = field(default_factory=dict)
     """The hub ids and the commits they resolve to now (what a run would pin them to)."""
+    estimate: dict[str, Any] | None = None
+    """Wall time per stage on the cluster a run would use, and the rates measured for it (None: --no-estimate)."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def _sample_lengths(config: JobConfig, spec: Any, units: list[Any]) -> tuple[np.ndarray, np.ndarray]:
-    """(rows after truncation/chunking per sampled text, untruncated token counts) of a sample of rows."""
+def _sample_texts(config: JobConfig, units: list[Any]) -> list[tuple[list[str], list[str]]]:
+    """(ids, texts) of up to SAMPLE_ROWS rows from each of SAMPLE_UNITS units spread over the plan."""
     read = ReadSpec(config.input.text_column, config.input.id_column,
                     TextRules(config.input.nul_bytes, config.input.max_text_bytes))
     picks = sorted({round(i * (len(units) - 1) / max(1, SAMPLE_UNITS - 1)) for i in range(SAMPLE_UNITS)}) if units else []
-    lengths, untruncated = [], []
+    samples = []
     for index in picks:
         ids, texts = [], []
         for batch in read_unit(units[index], read):
@@ -74,18 +76,21 @@ def _sample_lengths(config: JobConfig, spec: Any, units: list[Any]) -> tuple[np.
             if len(texts) >= SAMPLE_ROWS:
                 break
         if texts:
-            rows = tokenize_texts(spec, [str(i) for i in ids[:SAMPLE_ROWS]], texts[:SAMPLE_ROWS])
-            lengths.append(rows.lengths)
-            untruncated.append(rows.untruncated)
-    if not lengths:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return np.concatenate(lengths), np.concatenate(untruncated)
+            samples.append(([str(i) for i in ids[:SAMPLE_ROWS]], texts[:SAMPLE_ROWS]))
+    return samples
 
 
-def preview_job(config: JobConfig, stages: tuple[str, ...]) -> PlanPreview:
-    """Plan ``config``'s job and estimate it (see the module docstring); writes nothing."""
+def preview_job(config: JobConfig, stages: tuple[str, ...], *, estimate: bool = True, cpus: int | None = None,
+                gpus: int | None = None) -> PlanPreview:
+    """Plan ``config``'s job and estimate it (see the module docstring); writes nothing.
+
+    With ``estimate``, also time the tokenizer and (for stages that embed) the encoder on the sample, and
+    estimate each stage's wall time on the cluster a run would use, or on one of ``cpus`` / ``gpus``.
+    """
     from pipeline.tokenize.st_config import resolve_job_config
 
+    # A run's driver imports torch before any work of a job that embeds: timed first, before anything here does.
+    torch_import_s = import_torch() if estimate and "embeddings" in stages and not config.tokenizer.pack else 0.0
     config, models = pin_revisions(config)
     config = resolve_job_config(config)  # as a run resolves it: the rerun outcome compares config hashes
     found = find_inputs(config.input.path, config.input.format, exclude=config.output.path)
@@ -95,7 +100,10 @@ def preview_job(config: JobConfig, stages: tuple[str, ...]) -> PlanPreview:
     out_dir = output_path(config.output.path)
     old = load_manifest(out_dir)
     plan = plan_job(files, config.output.shard_rows, old)
-    lengths, untruncated = _sample_lengths(config, spec, plan.units)
+    samples = _sample_texts(config, plan.units)
+    sampled, tokenize_rate = tokenize_sample(spec, samples, timed=estimate)
+    lengths = sampled.lengths if sampled else np.zeros(0, np.int64)
+    untruncated = sampled.untruncated if sampled else np.zeros(0, np.int64)
     rows_in = sum(u.num_rows for u in plan.units)
     texts = len(untruncated)
     rows_per_text = len(lengths) / texts if texts else 1.0
@@ -112,6 +120,7 @@ def preview_job(config: JobConfig, stages: tuple[str, ...]) -> PlanPreview:
         per_row = spec.max_length * (token_bytes + 1 + 4) + 64
     estimated = {"tokens": int(est_rows * per_row)}
     rerun, skip = _rerun_outcome(config, out_dir, old, files, plan, spec, stages, models)
+    embed = None
     if "embeddings" in stages and config.tokenizer.pack:
         try:
             check_pack_stages(config, stages)
@@ -125,6 +134,11 @@ def preview_job(config: JobConfig, stages: tuple[str, ...]) -> PlanPreview:
             estimated["embeddings"] = int(est_rows * _embedding_row_bytes(config, embed.hidden_size, width))
         except ConfigError as exc:
             rerun, skip = f"refused (exit 2): {exc}", {}
+    timing = None
+    if estimate:
+        shape = JobSample([u.num_rows * rows_per_text * tokens_per_row for u in plan.units],
+                          [round(u.num_rows * rows_per_text) for u in plan.units], sampled, tokenize_rate)
+        timing = estimate_plan(config, spec, stages, shape, embed is not None, torch_import_s, cpus, gpus)
     return PlanPreview(
         out_dir=str(out_dir), stages=list(stages), files=len(files),
         units=[{"index": u.index, "shard": name, "source": u.describe(), "rows": u.num_rows}
@@ -134,6 +148,7 @@ def preview_job(config: JobConfig, stages: tuple[str, ...]) -> PlanPreview:
                                  else 0.0, 4),
         estimated_tokens=est_tokens, estimated_bytes=estimated, rerun=rerun,
         would_skip=skip, increment=plan.increment, skipped=[s.to_json() for s in found.skipped], models=models,
+        estimate=timing,
     )
 
 
@@ -198,6 +213,8 @@ def format_preview(p: PlanPreview) -> str:
     lines.append(f"  estimate from {p.sample_rows} sampled rows: {p.tokens_per_row:.1f} tokens/row, "
                  f"{p.truncated_fraction:.1%} truncated, ~{p.estimated_tokens:,} tokens")
     lines.append("  output size: " + ", ".join(f"{k} ~{v / 2**20:,.1f} MiB" for k, v in p.estimated_bytes.items()))
+    if p.estimate is not None:
+        lines += format_estimate(p.estimate)
     lines.append(f"  a run now: {p.rerun}")
     return "\n".join(lines)
 
