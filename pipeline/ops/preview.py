@@ -20,9 +20,9 @@ from pipeline.hub import pin_revisions
 from pipeline.inputs.columns import check_columns
 from pipeline.inputs.discovery import find_inputs
 from pipeline.inputs.files import TextRules
+from pipeline.ops.measure import JobSample, estimate_plan, format_estimate, import_torch, tokenize_sample
 from pipeline.output.manifest import differences, embedding_differences, load_manifest, new_manifest
 from pipeline.output.ownership import files_in_the_way, foreign_entries
-from pipeline.ops.measure import JobSample, estimate_plan, format_estimate, import_torch, tokenize_sample
 from pipeline.output.storage import output_path
 from pipeline.run.increments import plan_job
 from pipeline.run.job_record import decide_resume
