@@ -53,10 +53,13 @@ def test_one_shard_uses_every_actor():
 
 
 def test_tokenize_is_bounded_by_the_units():
-    single = [_estimate(("tokens",), cpus, [100_000]).tokenize for cpus in (1, 16)]
-    assert single[0] == single[1]  # one unit is one task on one CPU
+    single = [_estimate(("tokens",), cpus, [100_000]).tokenize - 1.0 for cpus in (1, 2, 16)]
+    # One unit is one task, on as many threads as the CPUs when it is the job's only unit.
+    assert single[0] / single[1] == pytest.approx(2, rel=1e-6) and single[0] / single[2] == pytest.approx(16)
     many = [_estimate(("tokens",), cpus, [6250] * 16).tokenize - 1.0 for cpus in (1, 16)]
-    assert many[0] / many[1] == pytest.approx(16, rel=1e-6)
+    assert many[0] / many[1] == pytest.approx(16, rel=1e-6)  # one thread each: as many units as CPUs
+    uneven = _estimate(("tokens",), 4, [90_000, 10_000]).tokenize - 1.0  # 2 threads each: the big unit bounds it
+    assert uneven == pytest.approx(90_000 * LENGTHS.mean() / RATES.tokenize_tokens_per_s / 2)
 
 
 def test_run_overlaps_the_stages():

@@ -281,7 +281,7 @@ def _busy(measured: dict[str, Any]) -> str | None:
         return None
     cores = local_cpus(None)
     measured["load_average"] = round(load, 2)
-    if load < max(1.0, cores / 2):
+    if load - 1.0 < max(1.0, cores / 2):  # plan itself keeps one core busy while it measures
         return None
     return (f"this machine is busy (load average {load:.1f} on {cores} cores): the rates measured here are "
             "lower than on a quiet one, and a run here would get less of each core than the measurement did")
@@ -292,17 +292,16 @@ def _embed_side(config: JobConfig, spec: TokenizeSpec, cluster: Cluster, job: Jo
                 notes: list[str]) -> tuple[Encoders | None, np.ndarray, Rates]:
     """The run's encoders on ``cluster``, the sampled rows' computed lengths, and the rates with the encoder's
     measured here when it can be (on the device the run would use)."""
-    from pipeline.encode.stage import plan_embed
     from pipeline.errors import ConfigError
-    from pipeline.run.encoder_pool import size_encoders
+    from pipeline.run.encoder_pool import plan_encoders
     from pipeline.run.executor import visible_gpus
 
-    try:
-        device, count, booked, threads = size_encoders(config.encoder.device, cluster.cpus, cluster.gpus)
+    try:  # the actors a run would start there (a static model's on CPUs, even on a GPU cluster)
+        plan = plan_encoders(config, spec, {"CPU": cluster.cpus, "GPU": cluster.gpus})
     except ConfigError as exc:
         notes.append(f"embed not estimated: {exc}")
         return None, job.rows.lengths, rates
-    embed_spec = plan_embed(config, spec, device, threads)
+    embed_spec, count, booked = plan.spec, plan.count, plan.resources
     options = embed_spec.options
     encoders = Encoders(embed_spec.device, count, float(booked.get("num_cpus", 0.0)), embed_spec.piece_rows,
                         options.max_tokens_per_batch, spec.fixed_width,

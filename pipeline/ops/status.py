@@ -79,7 +79,8 @@ def output_status(out_dir: Path | str) -> OutputStatus:
             committed=len(kept[stage]), missing=[name for name in planned if name not in shards], damaged=damaged,
             rows=sum(s.get("rows", 0) for s in shards.values()),
             quarantined=sum(s.get("quarantined", 0) for s in shards.values()), stale=stale,
-            tokens=sum(s.get("tokens", 0) for s in shards.values()), computed_tokens=None if stage == TOKENS else computed_tokens(shards),
+            tokens=sum(s.get("tokens", 0) for s in shards.values()),
+            computed_tokens=None if stage == TOKENS else computed_tokens(shards),
         ))
     status = manifest.get("status", "?")
     if status == "running" and holder is None:

@@ -41,7 +41,7 @@ from pipeline.run.tasks import tokenize_task
 from pipeline.tokenize.core import TokenizeSpec, token_schema
 from pipeline.tokenize.loading import check_pack_stages, load_tokenize_spec
 from pipeline.tokenize.st_config import resolve_job_config
-from pipeline.tokenize.stage import ReadSpec
+from pipeline.tokenize.stage import ReadSpec, tokenize_threads
 
 log = logging.getLogger("embedpipe")
 
@@ -115,14 +115,6 @@ def _run_job(config: JobConfig, stages: tuple[str, ...], force: bool, progress: 
                 record = JobRecord(manifest, out_dir, len(plan.units), started)
                 return _Job(config, spec, plan.units, plan.names, record, encoders, progress, stop,
                             engine).run(stages)
-
-
-def tokenize_threads(cpus: int, units_left: int) -> int:
-    """Threads for a tokenize task when ``units_left`` units (this one included) remain for ``cpus`` CPUs:
-    one, unless fewer units than CPUs are left, when each unit's task tokenizes on its share of the CPUs
-    (the task still books one CPU: encoder actors may hold the rest, idle until a token shard is committed).
-    The rows are the same for any thread count (:func:`pipeline.tokenize.stage.tokenize_batches`)."""
-    return max(1, cpus // max(1, units_left))
 
 
 def run_tokenize(config: JobConfig, *, force: bool = False, progress: ProgressCallback | None = None) -> StageResult:

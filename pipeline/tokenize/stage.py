@@ -106,6 +106,15 @@ def _tokenize_rows(unit: WorkUnit, read: ReadSpec, spec: TokenizeSpec,
     return TokenRows.concat(parts), bad, blank
 
 
+def tokenize_threads(cpus: int, units_left: int) -> int:
+    """Threads for a tokenize task submitted while ``units_left`` units (this one included) are not yet
+    committed, on ``cpus`` CPUs: one, unless fewer units than CPUs are left, i.e. a job (or what a rerun has
+    left of one) of fewer units than CPUs, whose tasks each tokenize on their share of the CPUs. The task
+    still books one CPU: encoder actors may hold the rest, idle until a token shard is committed. The rows
+    are the same for any thread count (:func:`tokenize_batches`)."""
+    return max(1, cpus // max(1, units_left))
+
+
 def tokenize_batches(spec: TokenizeSpec, batches: Iterator[tuple[list[str], list[str]]],
                      threads: int = 1) -> list[TokenRows]:
     """Tokenize (ids, texts) batches in order, on ``threads`` threads when more than one.
