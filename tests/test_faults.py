@@ -1,7 +1,7 @@
 """Kill -9 a tokenize worker, an encoder actor (mid-shard: after one of its pieces), a shard's commit task or
 the driver mid-job; the rerun's output is byte-identical. Every case runs on both executors (``ray.executor``
-local and ray: every seed on local, one on Ray), whose undisturbed outputs are also byte-identical; node loss
-is Ray's alone.
+local and ray, each with its own seed: see SEEDS), whose undisturbed outputs are also byte-identical; node
+loss is Ray's alone.
 
 Each case runs the real CLI in a subprocess (its own local Ray cluster) with
 ``EMBEDPIPE_FAULT`` choosing where the n-th arrival dies (n drawn from the seed),
@@ -14,6 +14,7 @@ run by ``.ci/run``): about 5 minutes on two cores.
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import time
@@ -29,10 +30,12 @@ ROWS = 320
 SHARD_ROWS = 40
 PIECE_ROWS = 16  # so that each token shard is embedded in three pieces
 PIECES = -(-SHARD_ROWS // PIECE_ROWS) * (ROWS // SHARD_ROWS)
-SEEDS = (1, 2, 3)
-# Every site and seed on the local executor (the default on one machine, ~20 s a case); one seed per site on
-# Ray (~35 s a case, its engine code is the same for every seed): the suite stays within CI's time.
-CASES = [("local", seed) for seed in SEEDS] + [("ray", SEEDS[0])]
+# Each site on each executor with its own seed, so every site dies at two different arrivals (Ray seed 1,
+# local seed 2): ~35 s a case on Zen 4, ~60 s on a Zen 3 whose page cache is reclaimed, where the three local
+# seeds of earlier rounds put .ci/run near CI's 90 minutes. EMBEDPIPE_FAULT_SEEDS=all runs local seeds 1, 2
+# and 3 (the wider sweep, about 15 minutes more).
+SEEDS = (1, 2, 3) if os.environ.get("EMBEDPIPE_FAULT_SEEDS") == "all" else (2,)
+CASES = [("local", seed) for seed in SEEDS] + [("ray", 1)]
 # site -> how many arrivals a run makes there (n is drawn from 1..that)
 SITES = {
     "tokenize.before_commit": 8,   # one per unit
