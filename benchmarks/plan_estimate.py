@@ -20,20 +20,11 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-ENV = dict(os.environ, HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0")
+from embed_stage import REPO, timed  # this folder is on sys.path when run as a script
+
 MAX_LENGTH = 256
-
-
-def timed(cmd: list[str]) -> tuple[float, str]:
-    started = time.perf_counter()
-    done = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, check=False)
-    if done.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
-    return time.perf_counter() - started, done.stdout
 
 
 def write_rows(corpus: Path, n: int, path: Path) -> None:
