@@ -21,7 +21,12 @@ import torch  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from pipeline.data.reader import arrow_to_tensor  # noqa: E402
-from pipeline.encode.cpu_linear import PackedLinear, onednn_linear_available, pack_linear_layers  # noqa: E402
+from pipeline.encode.cpu_linear import (  # noqa: E402
+    PackedLinear,
+    fusable_activation,
+    onednn_linear_available,
+    pack_linear_layers,
+)
 from pipeline.encode.device import resolve_device  # noqa: E402
 from pipeline.encode.forward import EncodeOptions, encode_rows, plan_batches  # noqa: E402
 from pipeline.encode.models import load_encoder, resolve_model_dir  # noqa: E402
@@ -490,6 +495,34 @@ def packed_models(model_dirs) -> dict[str, torch.nn.Module]:
         packed[name] = load_encoder(path)
         assert pack_linear_layers(packed[name]) == {"bert": 13, "clip": 12, "gpt2": 8}[name]  # GPT-2: Conv1D too
     return packed
+
+
+@pytest.mark.skipif(not onednn_linear_available(), reason="this torch build has no oneDNN linear operators")
+def test_mlp_activations_are_fused_where_onednn_computes_them_exactly(packed_models):
+    """BERT's exact GELU and GPT-2's tanh GELU run as the first MLP layer's post-op (their activation module
+    becomes an identity); CLIP's quick_gelu, which oneDNN has no post-op for, stays a module of its own.
+    That the outputs are unchanged is test_packed_linear_layers_give_the_plain_forward_pass's to show."""
+    fused = {name: [m.activation for m in model.modules() if isinstance(m, PackedLinear) and m.activation]
+             for name, model in packed_models.items()}
+    layers = {name: model.config.num_hidden_layers if name != "gpt2" else model.config.n_layer
+              for name, model in packed_models.items()}
+    assert fused == {"bert": ["gelu"] * layers["bert"], "gpt2": ["gelu_tanh"] * layers["gpt2"], "clip": []}
+    assert all(isinstance(layer.intermediate.intermediate_act_fn, torch.nn.Identity)
+               for layer in packed_models["bert"].encoder.layer)
+    assert all(type(layer.mlp.activation_fn).__name__ == "QuickGELUActivation"
+               for layer in packed_models["clip"].encoder.layers)
+
+
+@pytest.mark.parametrize("activation", [torch.nn.GELU(), torch.nn.GELU(approximate="tanh"), torch.nn.ReLU(),
+                                        torch.nn.SiLU()], ids=["gelu", "gelu_tanh", "relu", "silu"])
+@pytest.mark.skipif(not onednn_linear_available(), reason="this torch build has no oneDNN linear operators")
+def test_a_fused_activation_equals_the_activation_after_the_layer(activation):
+    generator = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(48, 96)
+    x = torch.randn(40, 48, generator=generator) * 3
+    fused = PackedLinear(linear.weight, linear.bias, activation=fusable_activation(activation))
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(x), activation(linear(x)), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.skipif(not onednn_linear_available(), reason="this torch build has no oneDNN linear operators")
