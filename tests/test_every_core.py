@@ -209,13 +209,38 @@ def test_status_shows_the_padding_the_forwards_computed(tmp_path, tiny_bert):
     assert report["stages"]["embeddings"]["computed_tokens"] == stages["embeddings"]["computed_tokens"]
 
 
+def _native_bfloat16() -> bool:
+    import torch
+
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def test_bfloat16_on_a_cpu_without_native_kernels_is_warned_about(caplog):
     import torch
 
-    from pipeline.encode.cpu_linear import warn_if_bfloat16_is_emulated
+    from pipeline.encode.cpu_linear import warn_if_bfloat16_is_slow
 
     native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
     with caplog.at_level("WARNING", logger="embedpipe"):
-        assert warn_if_bfloat16_is_emulated(torch.float32) is False
-        assert warn_if_bfloat16_is_emulated(torch.bfloat16) is (not native)
+        assert warn_if_bfloat16_is_slow(torch.float32) is False
+        assert warn_if_bfloat16_is_slow(torch.bfloat16, min_speedup=0.0) is (not native)
     assert ("emulates bfloat16" in caplog.text) is (not native)
+
+
+@pytest.mark.skipif(not _native_bfloat16(), reason="this CPU has no native bfloat16")
+def test_bfloat16_no_faster_than_float32_is_measured_and_warned_about(caplog, tmp_path):
+    """With native kernels the speed-up is measured on the model's widest linear layer (the tiny BERT's
+    intermediate, 32 x 64 here), and a CPU where it falls short of min_speedup is warned about."""
+    from pipeline.encode.cpu_linear import _widest_linear, bfloat16_linear_speedup, warn_if_bfloat16_is_slow
+    from pipeline.encode.models import load_encoder
+
+    import torch
+
+    model = load_encoder(build_tiny_bert(tmp_path / "bert"), dtype=torch.bfloat16)
+    config = model.config
+    assert _widest_linear(model) == (config.hidden_size, config.intermediate_size)
+    assert bfloat16_linear_speedup(384, 1536, tokens=64, repeats=3) > 0
+    with caplog.at_level("INFO"):
+        assert warn_if_bfloat16_is_slow(torch.bfloat16, model, min_speedup=1e9) is True
+        assert warn_if_bfloat16_is_slow(torch.bfloat16, model, min_speedup=0.0) is False
+    assert "runs the linear layers at" in caplog.text and "measured" in caplog.text

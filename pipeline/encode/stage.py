@@ -134,7 +134,7 @@ class ShardEncoder:
         if self._model is None:
             import torch
 
-            from pipeline.encode.cpu_linear import pack_linear_layers, warn_if_bfloat16_is_emulated
+            from pipeline.encode.cpu_linear import pack_linear_layers, warn_if_bfloat16_is_slow
             from pipeline.encode.device import resolve_device
             from pipeline.encode.forward import check_options
             from pipeline.encode.malloc import keep_freed_memory
@@ -164,7 +164,7 @@ class ShardEncoder:
             )
             check_options(model, self.spec.options)
             if device.type == "cpu":
-                warn_if_bfloat16_is_emulated(self.spec.options.dtype)
+                warn_if_bfloat16_is_slow(self.spec.options.dtype, model)
                 if self.spec.cpu_linear == "onednn":
                     pack_linear_layers(model)
             self._model = model
